@@ -1,0 +1,58 @@
+# p11guard — `make run` and `make test` do all set-up on a fresh Debian 12 machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.stamp-installed
+TEST_STAMP := $(VENV)/.stamp-test
+
+.PHONY: build run test lint typecheck unit integration bench clean client-lib system system-test
+
+build: system $(STAMP) client-lib
+
+system:
+	@tools/setup-system.sh run
+
+system-test:
+	@tools/setup-system.sh test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e .
+	@touch $@
+
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -q -e '.[test]'
+	@touch $@
+
+client-lib:
+	@if [ -f native/client/Makefile ]; then $(MAKE) -s -C native/client; fi
+
+run: build
+	$(VENV)/bin/p11guard demo
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check src tests tools bench
+
+typecheck: $(TEST_STAMP)
+	$(VENV)/bin/mypy
+
+test: build system-test $(TEST_STAMP)
+	@if [ -f native/client/Makefile ]; then $(MAKE) -s -C native/client asan; fi
+	$(MAKE) -s lint
+	$(MAKE) -s typecheck
+	tools/run-pytest.sh
+
+unit: $(TEST_STAMP)
+	tools/run-pytest.sh tests/unit
+
+bench: build system-test $(TEST_STAMP)
+	$(MAKE) -s -C bench
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) native/client/build bench/build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,3 @@
+from p11guard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""One worker process serves exactly one client connection.
+
+Threading model (leader/follower): at any moment one thread of the worker is
+the *leader*; it alone reads the socket until it holds one complete call.  It
+then hands leadership to another thread (spawning one, up to ``max_threads``,
+when none is waiting) and executes the call itself, so calls on different
+sessions run in parallel in the module (cffi releases the GIL for the
+duration of each PKCS#11 call).  Calls on one session stay ordered: the leader
+takes the session's lock *before* giving up leadership.  Replies carry the
+call's XID and are written whole under a send lock, possibly out of order.
+
+A client that sends one call at a time (Caml Crush's) sees a plain serial server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..wire import rpc
+from ..wire.codec import PROCEDURE_CODECS, Limits, rv_only_result
+from ..wire.procedures import PROGRAM, VERSION_CAMLCRUSH
+from ..wire.rpc import RecordReader
+from ..wire.xdr import Packer, XdrError
+
+log = logging.getLogger("p11guard.worker")
+
+CKR_GENERAL_ERROR = 0x5
+RECV_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    limits: Limits
+    max_threads: int = 4
+    supported_versions: tuple[int, int] = (VERSION_CAMLCRUSH, VERSION_CAMLCRUSH)
+
+
+Handler = Callable[[int, tuple[Any, ...]], tuple[Any, ...]]
+
+
+class Connection:
+    """The RPC loop for one connected client."""
+
+    def __init__(self, sock: socket.socket, handler: Handler, settings: WorkerSettings) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.settings = settings
+        self.reader = RecordReader(settings.limits.max_record_size)
+        self._leader = threading.Lock()
+        self._send = threading.Lock()
+        self._state = threading.Lock()  # guards the counters and session locks
+        self._session_locks: dict[int, threading.Lock] = {}
+        self._waiting = 0
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self.calls = 0
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until the client disconnects (or sends something unrecoverable)."""
+        try:
+            self._loop()
+        finally:
+            for t in list(self._threads):
+                t.join()
+
+    def shutdown(self) -> None:
+        """Make the loop end soon (SIGTERM): the leader's recv returns EOF."""
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- the leader/follower loop ---------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._state:
+                self._waiting += 1
+            self._leader.acquire()
+            with self._state:
+                self._waiting -= 1
+            try:
+                if self._closed:
+                    return
+                work = self._next_call()
+                if work is None:
+                    self._closed = True
+                    return
+                xid, number, body = work
+                session_lock = self._session_lock(number, body)
+                if session_lock is not None:
+                    session_lock.acquire()
+                self._maybe_spawn()
+            finally:
+                self._leader.release()
+            try:
+                self._execute(xid, number, body)
+            finally:
+                if session_lock is not None:
+                    session_lock.release()
+
+    def _maybe_spawn(self) -> None:
+        with self._state:
+            if self._waiting or len(self._threads) + 1 >= self.settings.max_threads:
+                return
+            t = threading.Thread(target=self._loop, name="p11guard-call", daemon=True)
+            self._threads.append(t)
+        t.start()
+
+    def _session_lock(self, number: int, body: memoryview) -> threading.Lock | None:
+        proc = PROCEDURE_CODECS[number].procedure
+        if not proc.args or proc.args[0].name != "session" or len(body) < 8:
+            return None
+        session = int.from_bytes(body[:8], "big")
+        with self._state:
+            lock = self._session_locks.get(session)
+            if lock is None:
+                if len(self._session_locks) > 4096:
+                    # Closed sessions leave idle locks behind: drop the unlocked ones.
+                    for key in [k for k, v in self._session_locks.items() if not v.locked()]:
+                        del self._session_locks[key]
+                lock = self._session_locks[session] = threading.Lock()
+            return lock
+
+    # -- reading --------------------------------------------------------------------
+
+    def _next_call(self) -> tuple[int, int, memoryview] | None:
+        """Read until one valid call is available; answer protocol errors on the way.
+
+        Returns None when the connection is over (EOF, socket error, or a
+        stream that cannot be resynchronised).
+        """
+        while True:
+            record = self.reader.pop()
+            if record is None:
+                try:
+                    data = self.sock.recv(RECV_SIZE)
+                except OSError as exc:
+                    if not self._closed:
+                        log.debug("connection error: %s", exc)
+                    return None
+                if not data:
+                    return None
+                try:
+                    self.reader.feed(data)
+                except rpc.RecordTooLarge as exc:
+                    log.warning("closing connection: %s", exc)
+                    return None
+                continue
+            work = self._check_call(record)
+            if work is not None:
+                return work
+
+    def _check_call(self, record: bytes) -> tuple[int, int, memoryview] | None:
+        try:
+            call = rpc.parse_call(record)
+        except rpc.BadCall as bad:
+            log.warning("bad RPC call: %s", bad)
+            self._send_record(bad.reply)
+            return None
+        except rpc.RpcError as exc:
+            log.warning("ignoring a record that is not an RPC call: %s", exc)
+            return None
+        xid = call.xid
+        if call.cred_flavor != rpc.AUTH_NONE or call.verf_flavor != rpc.AUTH_NONE:
+            self._send_record(rpc.auth_error_reply(xid, rpc.AuthStat.AUTH_TOOWEAK))
+            return None
+        if call.program != PROGRAM:
+            self._send_record(rpc.prog_unavail_reply(xid))
+            return None
+        low, high = self.settings.supported_versions
+        if not low <= call.version <= high:
+            self._send_record(rpc.prog_mismatch_reply(xid, low, high))
+            return None
+        if call.procedure not in PROCEDURE_CODECS:
+            self._send_record(rpc.proc_unavail_reply(xid))
+            return None
+        return xid, call.procedure, memoryview(record)[call.body_offset :]
+
+    # -- executing ------------------------------------------------------------------
+
+    def _execute(self, xid: int, number: int, body: memoryview) -> None:
+        codec = PROCEDURE_CODECS[number]
+        try:
+            args = codec.args.decode(body, self.settings.limits)
+        except XdrError as exc:
+            log.warning("%s: garbage arguments: %s", codec.procedure.c_name, exc)
+            self._send_record(rpc.garbage_args_reply(xid))
+            return
+        try:
+            result = self.handler(number, args)
+        except Exception:  # noqa: BLE001 - one bad call must not end the worker
+            log.exception("%s failed unexpectedly", codec.procedure.c_name)
+            result = rv_only_result(codec.procedure, CKR_GENERAL_ERROR)
+        packer = Packer()
+        packer.raw(rpc.success_reply_header(xid))
+        try:
+            codec.result.encode_into(packer, result)
+        except Exception:  # noqa: BLE001 - a malformed backend answer becomes an error code
+            log.exception("%s: cannot encode the result", codec.procedure.c_name)
+            packer = Packer()
+            packer.raw(rpc.success_reply_header(xid))
+            codec.result.encode_into(packer, rv_only_result(codec.procedure, CKR_GENERAL_ERROR))
+        self.calls += 1
+        self._send_record(bytes(packer.buffer()))
+
+    def _send_record(self, record: bytes) -> None:
+        data = rpc.frame(record)
+        with self._send:
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                log.debug("send failed: %s", exc)
+                self.shutdown()
