@@ -4,7 +4,7 @@
 set -euo pipefail
 
 RUN_PACKAGES=(softhsm2 gcc make libc6-dev libp11-kit-dev libssl-dev python3-venv opensc)
-TEST_PACKAGES=(caml-crush-server caml-crush-clients p11-kit p11-kit-modules valgrind openssl
+TEST_PACKAGES=(caml-crush-server caml-crush-clients p11-kit p11-kit-modules valgrind openssl libnss3-dev
                libnss3 libnss3-tools)
 
 want=("${RUN_PACKAGES[@]}")

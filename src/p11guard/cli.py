@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -32,8 +31,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load(path: str) -> ServerConfig | None:
-    from .config.server import load_server_config
-    from .policy.readers import ConfigError
+    from .config.server import ConfigError, load_server_config
 
     try:
         return load_server_config(Path(path))
@@ -49,7 +47,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
     try:
         text = describe_config(Path(args.path))
-    except Exception as exc:  # noqa: BLE001 - ConfigError and OSError both end here
+    except Exception as exc:  # ConfigError and OSError both end here
         print(f"p11guard: {exc}", file=sys.stderr)
         return 2
     print(text)
@@ -57,16 +55,16 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_config(args: argparse.Namespace) -> int:
-    from .policy.readers import ConfigError
+    from .config.server import ConfigError
     from .policy.readers.filterconf import read_filter_conf
     from .policy.writer import to_toml
 
     try:
-        policy = read_filter_conf(Path(args.path))
+        policy = read_filter_conf(Path(args.path), validate=False)
     except (ConfigError, OSError) as exc:
         print(f"p11guard: {exc}", file=sys.stderr)
         return 2
-    text = to_toml(policy)
+    text = to_toml(policy.policy)
     if args.output:
         Path(args.output).write_text(text)
     else:

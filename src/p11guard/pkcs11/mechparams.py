@@ -17,11 +17,14 @@ from __future__ import annotations
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Final
+
+from .attributes import Endian
 
 CKR_MECHANISM_PARAM_INVALID = 0x71
 
 NATIVE_ULONG_SIZE = struct.calcsize("L")
-NATIVE_BYTEORDER = sys.byteorder  # "little" | "big"
+NATIVE_BYTEORDER: Final[Endian] = "little" if sys.byteorder == "little" else "big"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +32,7 @@ class Arch:
     """A peer's CK_ULONG size (4 or 8) and byte order ("little" or "big")."""
 
     ulong_size: int
-    byteorder: str
+    byteorder: Endian
 
     @property
     def is_native(self) -> bool:

@@ -14,6 +14,7 @@ LoadModule, the list calls, GetAttributeValue, ...) have their own handler.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ CKR_BUFFER_TOO_SMALL = 0x150
 CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
 CKR_DATA_LEN_RANGE = 0x21
 CKR_HOST_MEMORY = 0x2
+CKR_CANT_LOCK = 0xA
+CKF_OS_LOCKING_OK = 0x2
 CK_UNAVAILABLE_INFORMATION = (1 << 64) - 1
 RV_PROTOCOL_ERROR = CK_UNAVAILABLE_INFORMATION  # Caml Crush's "-1"
 
@@ -103,6 +106,10 @@ class Dispatcher:
         self.state = ConnectionState()
         self._alias_matcher = alias_matcher or (lambda pattern, name: pattern == name)
         self._on_call = on_call
+        # Set when the module refused CKF_OS_LOCKING_OK: the worker must then not
+        # call it from two threads at once.
+        self.serial = False
+        self._serial_lock = threading.Lock()
         self._handlers: dict[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]] = {}
         self._build_handlers()
 
@@ -113,7 +120,11 @@ class Dispatcher:
         handler = self._handlers[number]
         proc = procs.BY_NUMBER[number]
         try:
-            result = handler(args)
+            if self.serial:
+                with self._serial_lock:
+                    result = handler(args)
+            else:
+                result = handler(args)
         except _Refuse as refused:
             result = rv_only_result(proc, refused.rv)
         except ParamRefused as exc:
@@ -129,7 +140,7 @@ class Dispatcher:
         if st.module is not None and st.initialized:
             try:
                 st.module.finalize()
-            except Exception:  # noqa: BLE001 - best effort on the way out
+            except Exception:  # best effort on the way out
                 log.exception("C_Finalize on disconnect failed")
             st.initialized = False
 
@@ -231,7 +242,7 @@ class Dispatcher:
             return (CKR_GENERAL_ERROR,)
         try:
             st.module = self.loader(path)
-        except Exception as exc:  # noqa: BLE001 - a broken module must not kill the worker
+        except Exception as exc:  # a broken module must not kill the worker
             log.error("LoadModule: cannot load %s for alias %r: %s", path, name, exc)
             return (CKR_GENERAL_ERROR,)
         st.alias = name
@@ -250,7 +261,14 @@ class Dispatcher:
         module = self.state.module
         if module is None:
             return (CKR_GENERAL_ERROR,)  # Caml Crush: Initialize before LoadModule
-        rv = module.initialize()
+        # The worker runs calls on different sessions in parallel threads, which
+        # PKCS#11 allows only when the module was told it may use OS locking.
+        rv = module.initialize(CKF_OS_LOCKING_OK)
+        if rv == CKR_CANT_LOCK:
+            rv = module.initialize()
+            if rv == CKR_OK:
+                log.info("module cannot use OS locking: calls are serialised")
+                self.serial = True
         if rv == CKR_OK:
             self.state.initialized = True
         return (rv,)
@@ -439,7 +457,9 @@ def _convert_array(value: bytes, src: Arch, dst: Arch) -> bytes | None:
 
 def _native_request_len(kind: attrs.AttrKind, client_len: int, arch: Arch) -> int:
     if kind is attrs.AttrKind.ULONG:
-        return max(client_len, NATIVE_ARCH.ulong_size) if client_len >= arch.ulong_size else client_len
+        if client_len >= arch.ulong_size:
+            return max(client_len, NATIVE_ARCH.ulong_size)
+        return client_len
     if kind is attrs.AttrKind.ULONG_ARRAY:
         return client_len // arch.ulong_size * NATIVE_ARCH.ulong_size
     return client_len

@@ -148,7 +148,7 @@ class Server:
                 self._become_worker()
                 conn.setblocking(True)
                 self.worker_main(conn, peer)
-            except BaseException:  # noqa: BLE001 - never return into the listener's loop
+            except BaseException:  # never return into the listener's loop
                 log.exception("worker for %s failed", peer)
                 code = 1
             finally:

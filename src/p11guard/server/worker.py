@@ -14,6 +14,7 @@ A client that sends one call at a time (Caml Crush's) sees a plain serial server
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -73,10 +74,8 @@ class Connection:
     def shutdown(self) -> None:
         """Make the loop end soon (SIGTERM): the leader's recv returns EOF."""
         self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     # -- the leader/follower loop ---------------------------------------------------
 
@@ -197,14 +196,14 @@ class Connection:
             return
         try:
             result = self.handler(number, args)
-        except Exception:  # noqa: BLE001 - one bad call must not end the worker
+        except Exception:  # one bad call must not end the worker
             log.exception("%s failed unexpectedly", codec.procedure.c_name)
             result = rv_only_result(codec.procedure, CKR_GENERAL_ERROR)
         packer = Packer()
         packer.raw(rpc.success_reply_header(xid))
         try:
             codec.result.encode_into(packer, result)
-        except Exception:  # noqa: BLE001 - a malformed backend answer becomes an error code
+        except Exception:  # a malformed backend answer becomes an error code
             log.exception("%s: cannot encode the result", codec.procedure.c_name)
             packer = Packer()
             packer.raw(rpc.success_reply_header(xid))

@@ -103,15 +103,12 @@ STRUCTS: dict[Kind, tuple[tuple[str, str | tuple[str, int]], ...]] = {
     ),
 }
 
-H, O, M, T, L = Kind.HYPER, Kind.OPAQUE, Kind.MECHANISM, Kind.TEMPLATE, Kind.HYPER_LIST
-
-
 def _f(spec: str) -> tuple[Field, ...]:
     """Parse ``"session:H data:O"`` into fields."""
     fields = []
     for item in spec.split():
         name, code = item.split(":")
-        fields.append(Field(name, Kind(code) if len(code) == 1 else Kind(code)))
+        fields.append(Field(name, Kind(code)))
     return tuple(fields)
 
 

@@ -292,10 +292,7 @@ def parse_reply(record: bytes) -> Reply:
             return Reply(xid, True, stat, None, detail, u.position)
         if reply_stat == MSG_DENIED:
             reject = RejectStat(u.uint())
-            if reject is RejectStat.RPC_MISMATCH:
-                detail = (u.uint(), u.uint())
-            else:
-                detail = (u.uint(),)
+            detail = (u.uint(), u.uint()) if reject is RejectStat.RPC_MISMATCH else (u.uint(),)
             return Reply(xid, False, None, reject, detail, u.position)
         raise RpcError(f"unknown reply_stat {reply_stat}")
     except (XdrError, ValueError) as exc:

@@ -1,0 +1,231 @@
+"""Reader for p11guard's own TOML server configuration (see docs/configuration.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+from p11guard.config.model import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_RECORD_SIZE,
+    DEFAULT_SHUTDOWN_GRACE,
+    MAX_RECORD_SIZE,
+    MIN_RECORD_SIZE,
+    Listener,
+    LogTarget,
+    PeerAuth,
+    ServerConfig,
+    TlsConfig,
+    parse_host_port,
+    parse_mode,
+    resolve_path,
+)
+from p11guard.config.policyfile import load_policy_file
+from p11guard.policy.model import MODES, ConfigError, Mode
+from p11guard.policy.readers.common import ReadResult
+from p11guard.policy.readers.toml import policy_from_mapping, toml_error
+
+TOP_KEYS = frozenset({"server", "listen", "tls", "modules", "policy"})
+SERVER_KEYS = frozenset({"max_connections", "max_record_size", "shutdown_grace", "user", "group",
+                         "pid_file", "log"})
+TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "algorithms", "peer_auth",
+                      "allowed_clients_cert_path"})
+
+
+class _Ctx:
+    def __init__(self, text: str, file: str) -> None:
+        self.lines = text.splitlines()
+        self.file = file
+        self.base = os.path.dirname(os.path.abspath(file))
+
+    def line_of(self, pattern: str, nth: int = 0) -> int | None:
+        rx = re.compile(pattern)
+        count = 0
+        for number, line in enumerate(self.lines, 1):
+            if rx.match(line):
+                if count == nth:
+                    return number
+                count += 1
+        return None
+
+    def key_line(self, key: str) -> int | None:
+        return self.line_of(rf"\s*{re.escape(key)}\s*=")
+
+    def fail(self, option: str, message: str, line: int | None = None) -> ConfigError:
+        if line is None:
+            line = self.key_line(option.rsplit(".", 1)[-1])
+        return ConfigError(message, file=self.file, line=line, option=option)
+
+
+def _table(ctx: _Ctx, doc: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ctx.fail(name, "must be a table")
+    return value
+
+
+def _check_keys(ctx: _Ctx, table: Mapping[str, Any], allowed: frozenset[str], prefix: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ctx.fail(f"{prefix}.{key}" if prefix else key, f"unknown key {key!r}")
+
+
+def _int(ctx: _Ctx, table: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    if key not in table:
+        return default
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.fail(f"server.{key}", "must be an integer")
+    if not lo <= value <= hi:
+        raise ctx.fail(f"server.{key}", f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _opt_str(ctx: _Ctx, table: Mapping[str, Any], key: str, prefix: str) -> str | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, str) or not value:
+        raise ctx.fail(f"{prefix}.{key}", "must be a non-empty string")
+    return value
+
+
+def _listeners(ctx: _Ctx, raw: object) -> tuple[Listener, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ctx.fail("listen", "at least one [[listen]] table is required "
+                       "(tcp = \"host:port\" or unix = \"/path\")",
+                       ctx.line_of(r"\s*\[\[\s*listen\s*\]\]"))
+    out: list[Listener] = []
+    for index, entry in enumerate(raw):
+        line = ctx.line_of(r"\s*\[\[\s*listen\s*\]\]", index)
+        if not isinstance(entry, dict):
+            raise ctx.fail("listen", "each listener must be a table", line)
+        unknown = set(entry) - {"tcp", "unix", "mode"}
+        if unknown:
+            raise ctx.fail("listen", f"unknown key(s) {', '.join(sorted(unknown))}", line)
+        if ("tcp" in entry) == ("unix" in entry):
+            raise ctx.fail("listen", "a listener needs exactly one of tcp or unix", line)
+        if "tcp" in entry:
+            if "mode" in entry:
+                raise ctx.fail("listen", "mode only applies to unix listeners", line)
+            if not isinstance(entry["tcp"], str):
+                raise ctx.fail("listen", "tcp must be a \"host:port\" string", line)
+            try:
+                host, port = parse_host_port(entry["tcp"])
+            except ValueError as exc:
+                raise ctx.fail("listen", str(exc), line) from None
+            out.append(Listener("tcp", host=host, port=port))
+        else:
+            path = entry["unix"]
+            if not isinstance(path, str) or not path:
+                raise ctx.fail("listen", "unix must be a non-empty path", line)
+            mode = None
+            if "mode" in entry:
+                try:
+                    mode = parse_mode(entry["mode"])
+                except ValueError as exc:
+                    raise ctx.fail("listen", str(exc), line) from None
+            out.append(Listener("unix", path=resolve_path(path, ctx.base), mode=mode))
+    return tuple(out)
+
+
+def _tls(ctx: _Ctx, raw: dict[str, Any]) -> TlsConfig:
+    _check_keys(ctx, raw, TLS_KEYS, "tls")
+    cert = _opt_str(ctx, raw, "cert_file", "tls")
+    key = _opt_str(ctx, raw, "key_file", "tls")
+    if cert is None or key is None:
+        raise ctx.fail("tls", "cert_file and key_file are required",
+                       ctx.line_of(r"\s*\[\s*tls\s*\]"))
+    peer_auth = _opt_str(ctx, raw, "peer_auth", "tls") or "required"
+    if peer_auth not in ("required", "optional", "none"):
+        raise ctx.fail("tls.peer_auth", f"unknown value {peer_auth!r} (required, optional, none)")
+    ca = _opt_str(ctx, raw, "ca_file", "tls")
+    allowed = _opt_str(ctx, raw, "allowed_clients_cert_path", "tls")
+    return TlsConfig(
+        cert_file=resolve_path(cert, ctx.base),
+        key_file=resolve_path(key, ctx.base),
+        ca_file=resolve_path(ca, ctx.base) if ca else None,
+        algorithms=_opt_str(ctx, raw, "algorithms", "tls"),
+        peer_auth=cast(PeerAuth, peer_auth),
+        allowed_clients_cert_path=resolve_path(allowed, ctx.base) if allowed else None,
+    )
+
+
+def _policy(ctx: _Ctx, doc: Mapping[str, Any], text: str) -> ReadResult:
+    policy = doc.get("policy")
+    modules = doc.get("modules")
+    if policy is not None and not isinstance(policy, dict):
+        raise ctx.fail("policy", "must be a table")
+    if policy is not None and "file" in policy:
+        others = set(policy) - {"file", "mode"}
+        if others or modules is not None:
+            raise ctx.fail("policy.file", "a policy file holds the whole policy: remove "
+                           + (", ".join(f"policy.{k}" for k in sorted(others)) or "[modules]"))
+        file = policy["file"]
+        mode = policy.get("mode", "strict")
+        if not isinstance(file, str) or not file:
+            raise ctx.fail("policy.file", "must be a non-empty path")
+        if mode not in MODES:
+            raise ctx.fail("policy.mode", f"unknown mode {mode!r} (strict or compat)")
+        if file.endswith(".toml") and "mode" in policy:
+            raise ctx.fail("policy.mode", "a TOML policy file sets its own mode")
+        return load_policy_file(resolve_path(file, ctx.base), mode=cast(Mode, mode))
+    merged: dict[str, Any] = dict(policy or {})
+    if modules is not None:
+        if "modules" in merged:
+            raise ctx.fail("modules", "modules given both in [modules] and [policy.modules]")
+        merged["modules"] = modules
+    # No [policy] at all: the secure default (policy_from_mapping's default preset).
+    return policy_from_mapping(merged, file=ctx.file, text=text, prefix="policy.")
+
+
+def toml_to_config(text: str, file: str) -> ServerConfig:
+    """Interpret p11guard TOML server configuration ``text``."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise toml_error(exc, file) from None
+    ctx = _Ctx(text, file)
+    _check_keys(ctx, doc, TOP_KEYS, "")
+    server = _table(ctx, doc, "server")
+    _check_keys(ctx, server, SERVER_KEYS, "server")
+    grace = server.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 3600:
+        raise ctx.fail("server.shutdown_grace", "must be a number of seconds between 0 and 3600")
+    log = server.get("log", "stderr")
+    if log not in ("stderr", "syslog"):
+        raise ctx.fail("server.log", f"must be \"stderr\" or \"syslog\", got {log!r}")
+    pid_file = _opt_str(ctx, server, "pid_file", "server")
+    tls_raw = doc.get("tls")
+    if tls_raw is not None and not isinstance(tls_raw, dict):
+        raise ctx.fail("tls", "must be a table")
+    result = _policy(ctx, doc, text)
+    return ServerConfig(
+        listeners=_listeners(ctx, doc.get("listen")),
+        policy=result.policy,
+        max_connections=_int(ctx, server, "max_connections", DEFAULT_MAX_CONNECTIONS, 1, 100_000),
+        max_record_size=_int(ctx, server, "max_record_size", DEFAULT_MAX_RECORD_SIZE,
+                             MIN_RECORD_SIZE, MAX_RECORD_SIZE),
+        shutdown_grace=float(grace),
+        user=_opt_str(ctx, server, "user", "server"),
+        group=_opt_str(ctx, server, "group", "server"),
+        tls=_tls(ctx, tls_raw) if tls_raw is not None else None,
+        log_target=cast(LogTarget, log),
+        pid_file=resolve_path(pid_file, ctx.base) if pid_file else None,
+        source_format="toml",
+        source=file,
+        warnings=result.warnings,
+    )
+
+
+def load_toml_config(path: str | Path) -> ServerConfig:
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", file=file) from None
+    return toml_to_config(text, file)
