@@ -99,6 +99,7 @@ class Dispatcher:
         *,
         alias_matcher: Callable[[str, str], bool] | None = None,
         on_call: Callable[[str, int], None] | None = None,
+        wrap_backend: Callable[[Any, str], Any] | None = None,
     ) -> None:
         self.modules = modules
         self.loader = loader
@@ -106,6 +107,9 @@ class Dispatcher:
         self.state = ConnectionState()
         self._alias_matcher = alias_matcher or (lambda pattern, name: pattern == name)
         self._on_call = on_call
+        # The policy engine: wraps the loaded module in an object with the same
+        # methods that applies the alias's policy before (and after) each call.
+        self._wrap_backend = wrap_backend
         # Set when the module refused CKF_OS_LOCKING_OK: the worker must then not
         # call it from two threads at once.
         self.serial = False
@@ -241,10 +245,13 @@ class Dispatcher:
             log.warning("LoadModule: alias %r is not configured", name)
             return (CKR_GENERAL_ERROR,)
         try:
-            st.module = self.loader(path)
+            module = self.loader(path)
         except Exception as exc:  # a broken module must not kill the worker
             log.error("LoadModule: cannot load %s for alias %r: %s", path, name, exc)
             return (CKR_GENERAL_ERROR,)
+        if self._wrap_backend is not None:
+            module = self._wrap_backend(module, name)
+        st.module = module
         st.alias = name
         log.info("module %s loaded for alias %r", path, name)
         return (CKR_OK,)

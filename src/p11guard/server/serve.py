@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.server import ServerConfig
+from ..policy.engine import EngineContext, wrap_module
 from ..wire.codec import Limits
 from .dispatch import Dispatcher
 from .listener import Server, bind
@@ -77,9 +78,11 @@ def make_worker_main(config: ServerConfig, options: ServeOptions) -> Any:
         def on_call(name: str, rv: int) -> None:
             log.info("[%d] %s -> 0x%x", pid, name, rv)
 
+        context = EngineContext(peer=peer, pid=pid)
         dispatcher = Dispatcher(
             modules, Module, limits, alias_matcher=matcher,
             on_call=on_call if options.debug_pkcs11 else None,
+            wrap_backend=lambda module, alias: wrap_module(module, config.policy, alias, context),
         )
         connection = Connection(conn, dispatcher.handle, settings)
         signal.signal(signal.SIGTERM, lambda *_: connection.shutdown())
