@@ -4,6 +4,7 @@ in front of it with the default policy, and a real PKCS#11 client using it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -115,11 +116,15 @@ def run_demo(keep_running: bool = True, port: int = 4444) -> int:
         _show([*base, "--list-slots"], env)
         _show([*base, "--token-label", LABEL, "--login", "--pin", USER_PIN, "--keypairgen",
                "--key-type", "EC:prime256v1", "--id", "01", "--label", "demo-key"], env)
-        data = root / "message.txt"
-        data.write_text("hello from p11guard\n")
-        _show([*base, "--token-label", LABEL, "--login", "--pin", USER_PIN, "--sign",
-               "--id", "01", "-m", "ECDSA-SHA256", "-i", str(data), "-o", str(root / "sig")],
-              env)
+        # SoftHSM2 2.6 offers plain CKM_ECDSA: the client hashes, the token signs.
+        digest = root / "message.sha256"
+        digest.write_bytes(hashlib.sha256(b"hello from p11guard\n").digest())
+        sig = root / "message.sig"
+        login = ["--token-label", LABEL, "--login", "--pin", USER_PIN]
+        _show([*base, *login, "--sign", "--id", "01", "-m", "ECDSA", "-i", str(digest),
+               "-o", str(sig)], env)
+        _show([*base, *login, "--verify", "--id", "01", "-m", "ECDSA", "-i", str(digest),
+               "--signature-file", str(sig)], env)
         _show([*base, "--token-label", LABEL, "--login", "--pin", USER_PIN, "--list-objects"],
               env)
         if not keep_running:

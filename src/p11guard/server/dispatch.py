@@ -253,7 +253,7 @@ class Dispatcher:
             module = self._wrap_backend(module, name)
         st.module = module
         st.alias = name
-        log.info("module %s loaded for alias %r", path, name)
+        log.debug("module %s loaded for alias %r", path, name)
         return (CKR_OK,)
 
     def _resolve_alias(self, name: str) -> str | None:
