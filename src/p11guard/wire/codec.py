@@ -20,6 +20,8 @@ structs     a ``dict`` of field name to value when decoded; when encoding,
 
 from __future__ import annotations
 
+import operator
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +142,21 @@ def _struct_codec(kind: Kind) -> tuple[_Enc, _Dec]:
             enc_t, dec_t = _text_codec(shape[1])
             fields.append((name, enc_t, dec_t))
 
+    names = tuple(name for name, _, _ in fields)
+    if all(shape == "hyper" for _, shape in STRUCTS[kind]):
+        packer_struct = struct.Struct(">" + "Q" * len(names))
+        by_attr = operator.attrgetter(*names)
+        by_key = operator.itemgetter(*names)
+
+        def enc_flat(p: Packer, v: Any) -> None:
+            p.buffer().extend(packer_struct.pack(*(by_key(v) if isinstance(v, Mapping)
+                                                   else by_attr(v))))
+
+        def dec_flat(u: Unpacker, lim: Limits) -> dict[str, Any]:
+            return dict(zip(names, u.fixed(packer_struct), strict=True))
+
+        return enc_flat, dec_flat
+
     def enc(p: Packer, v: Any) -> None:
         if isinstance(v, Mapping):
             for name, e, _ in fields:
@@ -168,33 +185,78 @@ for _kind in STRUCTS:
 # --- per-procedure codecs ----------------------------------------------------
 
 class FieldCodec:
-    """Encode/decode one ordered list of fields (a procedure's arguments or result)."""
+    """Encode/decode one ordered list of fields (a procedure's arguments or result).
 
-    __slots__ = ("_decs", "_encs", "names")
+    Runs of consecutive HYPER fields are compiled into one precompiled
+    ``struct.Struct`` each, so that the common shapes ("session handle",
+    "rv + handle", "rv + session info") cost one pack/unpack call.
+    """
+
+    __slots__ = ("_all_hyper", "_decs", "_encs", "_plan", "_struct", "names")
 
     def __init__(self, fields: tuple[Field, ...]) -> None:
         self.names = tuple(f.name for f in fields)
         self._encs = tuple(CODECS[f.kind][0] for f in fields)
         self._decs = tuple(CODECS[f.kind][1] for f in fields)
+        kinds = [f.kind for f in fields]
+        self._all_hyper = all(k is Kind.HYPER for k in kinds)
+        self._struct = struct.Struct(">" + "Q" * len(kinds))
+        # (Struct, start, end) for a run of hypers, (None, index, decoder) otherwise.
+        plan: list[tuple[struct.Struct | None, int, Any]] = []
+        i = 0
+        while i < len(kinds):
+            if kinds[i] is Kind.HYPER:
+                j = i
+                while j < len(kinds) and kinds[j] is Kind.HYPER:
+                    j += 1
+                plan.append((struct.Struct(">" + "Q" * (j - i)), i, j))
+                i = j
+            else:
+                plan.append((None, i, self._decs[i]))
+                i += 1
+        self._plan = tuple(plan)
 
     def encode(self, values: tuple[Any, ...] | list[Any], packer: Packer | None = None) -> bytes:
         if len(values) != len(self._encs):
             raise ValueError(f"expected {len(self._encs)} values, got {len(values)}")
         p = packer or Packer()
-        for enc, value in zip(self._encs, values, strict=True):
-            enc(p, value)
+        self.encode_into(p, values)
         return p.getvalue()
 
     def encode_into(self, p: Packer, values: tuple[Any, ...] | list[Any]) -> None:
-        for enc, value in zip(self._encs, values, strict=True):
-            enc(p, value)
+        buf = p.buffer()
+        mark = len(buf)
+        try:
+            if self._all_hyper:
+                buf += self._struct.pack(*values)
+                return
+            for st, start, end in self._plan:
+                if st is not None:
+                    buf += st.pack(*values[start:end])
+                else:
+                    self._encs[start](p, values[start])
+        except struct.error:
+            # Negative numbers (Caml Crush's "-1" codes): the generic encoders
+            # mask them to their 64-bit two's-complement pattern.
+            del buf[mark:]
+            for enc, value in zip(self._encs, values, strict=True):
+                enc(p, value)
 
     def decode(self, data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, ...]:
         """Decode exactly ``data``: trailing bytes are an error (GARBAGE_ARGS)."""
+        if self._all_hyper:
+            if len(data) != self._struct.size:
+                raise XdrError(f"expected {self._struct.size} bytes, got {len(data)}")
+            return self._struct.unpack(data)
         u = Unpacker(data)
-        values = tuple(dec(u, limits) for dec in self._decs)
+        values: list[Any] = []
+        for st, _, dec in self._plan:
+            if st is not None:
+                values.extend(u.fixed(st))
+            else:
+                values.append(dec(u, limits))
         u.done()
-        return values
+        return tuple(values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,16 @@ class Unpacker:
         value: int = _U64.unpack_from(self._data, pos)[0]
         return value
 
+    def fixed(self, st: struct.Struct) -> tuple[int, ...]:
+        """Several fixed-size values at once (a precompiled run of hypers)."""
+        pos = self._pos
+        end = pos + st.size
+        if end > self._end:
+            raise XdrError(f"truncated: expected {st.size} bytes")
+        self._pos = end
+        values: tuple[int, ...] = st.unpack_from(self._data, pos)
+        return values
+
     def opaque(self, bound: int) -> bytes:
         n = self.uint()
         if n > bound:
