@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.stamp-installed
 TEST_STAMP := $(VENV)/.stamp-test
 
-.PHONY: build run test lint typecheck unit integration bench clean client-lib system system-test
+.PHONY: build run test lint typecheck unit integration bench bench-quick clean client-lib system system-test
 
 build: system $(STAMP) client-lib
 
@@ -53,6 +53,10 @@ unit: $(TEST_STAMP)
 bench: build system-test $(TEST_STAMP)
 	$(MAKE) -s -C bench
 	$(PY) bench/run.py
+
+bench-quick: build system-test $(TEST_STAMP)
+	$(MAKE) -s -C bench
+	$(PY) bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) native/client/build bench/build .mypy_cache .ruff_cache .pytest_cache
