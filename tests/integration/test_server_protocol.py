@@ -3,19 +3,23 @@ clients of other architectures, ordering rules, RPC errors, isolation, bad input
 
 from __future__ import annotations
 
+import contextlib
 import os
-import random
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from p11guard.client import WireClient
 from p11guard.wire import rpc
 from p11guard.wire.codec import PROCEDURE_CODECS
 from p11guard.wire.procedures import BY_NAME
-from tests.support.servers import Server
+from tests.support.servers import Server, start_server
+from tests.support.softhsm import make_token
 
 CKR_OK = 0
 CKR_BUFFER_TOO_SMALL = 0x150
@@ -209,42 +213,85 @@ def test_client_disconnect_mid_session_leaves_no_worker(p11guard_tcp: Server) ->
     assert _wait_no_workers(p11guard_tcp) == set()
 
 
-def test_live_server_survives_garbage(p11guard_tcp: Server) -> None:
-    """Random and mutated records: the listener lives, workers answer or close."""
-    host, port = p11guard_tcp.address.split(":")
-    rng = random.Random(1234)
-    valid = [
-        rpc.frame(rpc.call(1, 4, 3, 2, PROCEDURE_CODECS[2].args.encode((1,)))),
-        rpc.frame(rpc.call(2, 4, 3, 70, PROCEDURE_CODECS[70].args.encode((b"softhsm",)))),
-        rpc.frame(rpc.call(3, 4, 3, 3, b"")),
-        rpc.frame(rpc.call(4, 4, 3, 23, PROCEDURE_CODECS[23].args.encode(
-            (1, [(0, b"\1" * 8, 8)] * 3)))),
-    ]
-    for i in range(150):
-        payload = bytearray(b"".join(valid))
-        mode = i % 3
-        if mode == 0:
-            payload = bytearray(rng.randbytes(rng.randint(1, 2000)))
-        elif mode == 1:
-            for _ in range(rng.randint(1, 12)):
-                payload[rng.randrange(len(payload))] = rng.randrange(256)
-        else:
-            payload += rpc.frame(rpc.call(9, 4, 3, rng.randint(2, 70), rng.randbytes(64)))
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(bytes(payload))
-            s.shutdown(socket.SHUT_WR)
-            s.settimeout(10)
-            try:
-                while s.recv(65536):
-                    pass
-            except (ConnectionResetError, TimeoutError):
-                pass
-        assert p11guard_tcp.proc.poll() is None, "the listener died"
-    # A huge announced record is refused without being buffered.
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("fuzz")
+    server = start_server("p11guard", make_token(root / "softhsm"), root / "srv")
+    yield server
+    server.stop()
+
+
+_VALID_RECORDS = [
+    rpc.call(1, 4, 3, 2, PROCEDURE_CODECS[2].args.encode((1,))),
+    rpc.call(2, 4, 3, 70, PROCEDURE_CODECS[70].args.encode((b"softhsm",))),
+    rpc.call(3, 4, 3, 3, b""),
+    rpc.call(4, 4, 3, 23, PROCEDURE_CODECS[23].args.encode((1, [(0, b"\1" * 8, 8)] * 3))),
+    rpc.call(5, 4, 3, 31, PROCEDURE_CODECS[31].args.encode((1, 2, [(3, b"", 0)]))),
+]
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
+    out = bytearray(data)
+    for pos, value in edits:
+        out[pos % len(out)] = value
+    return bytes(out)
+
+
+def _exchange(server: Server, payload: bytes) -> None:
+    host, port = server.address.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall((0x80000000 | 0x7FFFFFF0).to_bytes(4, "big") + b"x" * 1000)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
         s.settimeout(10)
-        assert s.recv(100) == b""
-    assert _wait_no_workers(p11guard_tcp) == set()
-    with WireClient.connect(p11guard_tcp.address) as c:
+        try:
+            while s.recv(65536):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            pass
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    records=st.lists(st.sampled_from(_VALID_RECORDS), min_size=1, max_size=5),
+    edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=12),
+    noise=st.binary(max_size=300),
+    framing=st.sampled_from(["frame", "raw", "split"]),
+)
+def test_live_server_survives_mutated_records(
+    fuzz_server: Server, records: list[bytes], edits: list[tuple[int, int]], noise: bytes,
+    framing: str,
+) -> None:
+    """Random and mutated records: the listener lives, workers answer or close."""
+    body = b"".join(_mutate(r, edits) if edits else r for r in records)
+    if framing == "frame":
+        payload = b"".join(rpc.frame(_mutate(r, edits)) for r in records) + noise
+    elif framing == "split":
+        payload = rpc.frame(body + noise, max_fragment=7)
+    else:
+        payload = body + noise
+    _exchange(fuzz_server, payload)
+    assert fuzz_server.proc.poll() is None, "the listener died"
+
+
+def test_live_server_bounded_after_fuzzing(fuzz_server: Server) -> None:
+    before = _rss_kib(fuzz_server.proc.pid)
+    # A huge announced record is refused without being buffered.
+    host, port = fuzz_server.address.split(":")
+    for _ in range(20):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall((0x80000000 | 0x7FFFFFF0).to_bytes(4, "big") + b"x" * 100_000)
+            s.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(100) == b""
+    assert _wait_no_workers(fuzz_server) == set()
+    assert _rss_kib(fuzz_server.proc.pid) - before < 2048, "the listener's memory grew"
+    with WireClient.connect(fuzz_server.address) as c:
         open_logged_in(c)
