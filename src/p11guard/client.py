@@ -12,8 +12,8 @@ import socket
 from typing import Any
 
 from .wire import rpc
-from .wire.codec import PROCEDURE_CODECS, Limits
-from .wire.procedures import BY_NAME, PROGRAM, VERSION_CAMLCRUSH
+from .wire.codec import CODECS_BY_VERSION, Limits
+from .wire.procedures import NAMES_BY_VERSION, PROGRAM, VERSION_CAMLCRUSH
 
 
 class RpcCallError(RuntimeError):
@@ -34,7 +34,8 @@ class WireClient:
         self._xids = itertools.count(1)
 
     @classmethod
-    def connect(cls, address: str, timeout: float = 30.0) -> WireClient:
+    def connect(cls, address: str, timeout: float = 30.0, *,
+                version: int = VERSION_CAMLCRUSH) -> WireClient:
         """``address``: "host:port" or a Unix socket path (as PKCS11PROXY_SOCKET_PATH)."""
         if address.startswith("/") or address.startswith("."):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -43,7 +44,7 @@ class WireClient:
         else:
             host, _, port = address.rpartition(":")
             sock = socket.create_connection((host, int(port)), timeout=timeout)
-        return cls(sock)
+        return cls(sock, version=version)
 
     def close(self) -> None:
         self.sock.close()
@@ -80,8 +81,9 @@ class WireClient:
         return reply, answer[reply.body_offset :]
 
     def call(self, name: str, *args: Any) -> tuple[Any, ...]:
-        proc = BY_NAME[name]
-        codec = PROCEDURE_CODECS[proc.number]
+        """Call procedure ``name`` of the client's protocol version (3 or 4)."""
+        proc = NAMES_BY_VERSION[self.version][name]
+        codec = CODECS_BY_VERSION[self.version][proc.number]
         reply, body = self.call_raw(proc.number, codec.args.encode(args))
         if not reply.ok:
             raise RpcCallError(reply)

@@ -12,10 +12,12 @@ ListenerKind = Literal["tcp", "unix"]
 LogTarget = Literal["stderr", "syslog"]
 SourceFormat = Literal["toml", "camlcrush"]
 PeerAuth = Literal["required", "optional", "none"]
+TlsVersion = Literal["1.2", "1.3"]
 
 DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_MAX_RECORD_SIZE = 16 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # Sanity bounds: a record bigger than this is a bug or an attack, not a PKCS#11 call.
 MIN_RECORD_SIZE = 4096
 MAX_RECORD_SIZE = 1 << 30
@@ -30,6 +32,8 @@ class Listener:
     port: int | None = None
     path: str | None = None
     mode: int | None = None  # permissions of the Unix socket file (e.g. 0o660)
+    # TLS on this listener: None = the default (TCP listeners when [tls] is set).
+    tls: bool | None = None
 
     def __str__(self) -> str:
         if self.kind == "tcp":
@@ -51,6 +55,65 @@ class TlsConfig:
     peer_auth: PeerAuth = "required"
     # A directory of client certificates (PEM) allowed to connect (exact match).
     allowed_clients_cert_path: str | None = None
+    min_version: TlsVersion = "1.2"
+    # OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults).
+    ciphers: str | None = None
+    # Seconds a client has to finish the handshake (done in the worker).
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRule:
+    """One ``[[identity]]``: who (all given matchers must hold) -> what they may use.
+
+    Within one matcher the values are alternatives.  Certificate matchers need a
+    TLS client certificate; uid/user/gid/group need a Unix socket peer.
+    """
+
+    name: str
+    cert_sha256: tuple[str, ...] = ()  # lower-case hex, no colons
+    spki_sha256: tuple[str, ...] = ()  # standard base64 of SHA-256(SubjectPublicKeyInfo)
+    subject_cn: tuple[str, ...] = ()  # shell-style patterns (fnmatch, case-sensitive)
+    san: tuple[str, ...] = ()  # patterns over DNS, e-mail, URI and IP SAN entries
+    uids: tuple[int, ...] = ()
+    users: tuple[str, ...] = ()
+    gids: tuple[int, ...] = ()
+    groups: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()  # configured aliases this identity may load; "*" = all
+    read_only: bool = False  # adds enforce_ro_sessions for every alias
+    admin: bool = False  # False adds forbid_admin_operations for every alias
+    policy_file: str | None = None  # a whole policy of its own (filter.conf or .toml)
+    line: int | None = None
+
+
+SeccompAction = Literal["kill", "trap", "errno", "log"]
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """Worker hardening: seccomp allow-list installed after C_Initialize."""
+
+    seccomp: bool = True
+    action: SeccompAction = "kill"
+    allow: tuple[str, ...] = ()  # syscalls added to the built-in list (unrestricted)
+    deny: tuple[str, ...] = ()  # syscalls removed from the built-in list
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleInit:
+    """How the worker initialises one module alias (``[modules.<alias>]`` tables).
+
+    ``os_locking``: pass CKF_OS_LOCKING_OK (needed for parallel calls; a module
+    that refuses it is called serially).  ``init_reserved``: the
+    CK_C_INITIALIZE_ARGS.pReserved string (NSS softokn's ``configdir=...``),
+    NUL-terminated.  ``raw_mechanism_params``: protocol v4 may forward a RAW
+    (client-memory) parameter for a mechanism p11guard does not know, from a
+    client of the server's own architecture.
+    """
+
+    os_locking: bool = True
+    init_reserved: str | None = None
+    raw_mechanism_params: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +126,11 @@ class ServerConfig:
     user: str | None = None
     group: str | None = None
     tls: TlsConfig | None = None
+    identities: tuple[IdentityRule, ...] = ()
+    sandbox: SandboxConfig = SandboxConfig()
+    chroot: str | None = None
+    # Per module alias: C_Initialize arguments and v4 options ([modules.<alias>]).
+    module_init: dict[str, ModuleInit] = field(default_factory=dict)
     log_target: LogTarget = "stderr"
     pid_file: str | None = None
     source_format: SourceFormat = "toml"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -372,6 +372,8 @@ def netplex_to_config(text: str, file: str, *, mode: Mode = "strict") -> ServerC
         if not psections:
             raise rd.fail(processor, "use_ssl = true needs a tls { x509 { ... } } section")
         tls = _tls(rd, psections[0], base, allowed)
+        # Caml Crush wraps every address of the service in TLS, Unix sockets included.
+        listeners = [replace(listener, tls=True) for listener in listeners]
     else:
         for sec in psections:
             rd.notice(sec, "ignored because use_ssl is false")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from p11guard.config.model import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RECORD_SIZE,
     DEFAULT_SHUTDOWN_GRACE,
@@ -17,9 +18,11 @@ from p11guard.config.model import (
     MIN_RECORD_SIZE,
     Listener,
     LogTarget,
+    ModuleInit,
     PeerAuth,
     ServerConfig,
     TlsConfig,
+    TlsVersion,
     parse_host_port,
     parse_mode,
     resolve_path,
@@ -29,11 +32,12 @@ from p11guard.policy.model import MODES, ConfigError, Mode
 from p11guard.policy.readers.common import ReadResult
 from p11guard.policy.readers.toml import policy_from_mapping, toml_error
 
-TOP_KEYS = frozenset({"server", "listen", "tls", "modules", "policy"})
+TOP_KEYS = frozenset({"server", "listen", "tls", "modules", "policy", "identity", "sandbox"})
 SERVER_KEYS = frozenset({"max_connections", "max_record_size", "shutdown_grace", "user", "group",
-                         "pid_file", "log"})
+                         "pid_file", "log", "chroot"})
 TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "algorithms", "peer_auth",
-                      "allowed_clients_cert_path"})
+                      "allowed_clients_cert_path", "min_version", "ciphers",
+                      "handshake_timeout"})
 
 
 class _Ctx:
@@ -104,11 +108,14 @@ def _listeners(ctx: _Ctx, raw: object) -> tuple[Listener, ...]:
         line = ctx.line_of(r"\s*\[\[\s*listen\s*\]\]", index)
         if not isinstance(entry, dict):
             raise ctx.fail("listen", "each listener must be a table", line)
-        unknown = set(entry) - {"tcp", "unix", "mode"}
+        unknown = set(entry) - {"tcp", "unix", "mode", "tls"}
         if unknown:
             raise ctx.fail("listen", f"unknown key(s) {', '.join(sorted(unknown))}", line)
         if ("tcp" in entry) == ("unix" in entry):
             raise ctx.fail("listen", "a listener needs exactly one of tcp or unix", line)
+        tls = entry.get("tls")
+        if tls is not None and not isinstance(tls, bool):
+            raise ctx.fail("listen", "tls must be true or false", line)
         if "tcp" in entry:
             if "mode" in entry:
                 raise ctx.fail("listen", "mode only applies to unix listeners", line)
@@ -118,7 +125,7 @@ def _listeners(ctx: _Ctx, raw: object) -> tuple[Listener, ...]:
                 host, port = parse_host_port(entry["tcp"])
             except ValueError as exc:
                 raise ctx.fail("listen", str(exc), line) from None
-            out.append(Listener("tcp", host=host, port=port))
+            out.append(Listener("tcp", host=host, port=port, tls=tls))
         else:
             path = entry["unix"]
             if not isinstance(path, str) or not path:
@@ -129,7 +136,7 @@ def _listeners(ctx: _Ctx, raw: object) -> tuple[Listener, ...]:
                     mode = parse_mode(entry["mode"])
                 except ValueError as exc:
                     raise ctx.fail("listen", str(exc), line) from None
-            out.append(Listener("unix", path=resolve_path(path, ctx.base), mode=mode))
+            out.append(Listener("unix", path=resolve_path(path, ctx.base), mode=mode, tls=tls))
     return tuple(out)
 
 
@@ -145,6 +152,15 @@ def _tls(ctx: _Ctx, raw: dict[str, Any]) -> TlsConfig:
         raise ctx.fail("tls.peer_auth", f"unknown value {peer_auth!r} (required, optional, none)")
     ca = _opt_str(ctx, raw, "ca_file", "tls")
     allowed = _opt_str(ctx, raw, "allowed_clients_cert_path", "tls")
+    min_version = _opt_str(ctx, raw, "min_version", "tls") or "1.2"
+    if min_version not in ("1.2", "1.3"):
+        raise ctx.fail("tls.min_version", f"must be \"1.2\" or \"1.3\", got {min_version!r}")
+    timeout = raw.get("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+        raise ctx.fail("tls.handshake_timeout", "must be a number of seconds in (0, 600]")
+    if peer_auth == "required" and ca is None:
+        raise ctx.fail("tls.ca_file", "peer_auth = \"required\" needs ca_file (the CA that "
+                       "signs client certificates)", ctx.line_of(r"\s*\[\s*tls\s*\]"))
     return TlsConfig(
         cert_file=resolve_path(cert, ctx.base),
         key_file=resolve_path(key, ctx.base),
@@ -152,6 +168,9 @@ def _tls(ctx: _Ctx, raw: dict[str, Any]) -> TlsConfig:
         algorithms=_opt_str(ctx, raw, "algorithms", "tls"),
         peer_auth=cast(PeerAuth, peer_auth),
         allowed_clients_cert_path=resolve_path(allowed, ctx.base) if allowed else None,
+        min_version=cast(TlsVersion, min_version),
+        ciphers=_opt_str(ctx, raw, "ciphers", "tls"),
+        handshake_timeout=float(timeout),
     )
 
 
@@ -183,6 +202,40 @@ def _policy(ctx: _Ctx, doc: Mapping[str, Any], text: str) -> ReadResult:
     return policy_from_mapping(merged, file=ctx.file, text=text, prefix="policy.")
 
 
+MODULE_TABLE_KEYS = frozenset({"path", "os_locking", "init_reserved", "raw_mechanism_params"})
+
+
+def _module_tables(ctx: _Ctx, doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, ModuleInit]]:
+    """``[modules.<alias>]`` tables: the path goes to the policy reader (as the
+    plain ``alias = "path"`` form), the C_Initialize options stay here."""
+    modules = doc.get("modules")
+    if not isinstance(modules, dict) or not any(isinstance(v, dict) for v in modules.values()):
+        return doc, {}
+    plain: dict[str, Any] = {}
+    init: dict[str, ModuleInit] = {}
+    for alias, value in modules.items():
+        if not isinstance(value, dict):
+            plain[alias] = value
+            continue
+        where = f"modules.{alias}"
+        _check_keys(ctx, value, MODULE_TABLE_KEYS, where)
+        if not isinstance(value.get("path"), str) or not value["path"]:
+            raise ctx.fail(f"{where}.path", "must be the module's path")
+        for key in ("os_locking", "raw_mechanism_params"):
+            if key in value and not isinstance(value[key], bool):
+                raise ctx.fail(f"{where}.{key}", "must be true or false")
+        reserved = value.get("init_reserved")
+        if reserved is not None and (not isinstance(reserved, str) or "\0" in reserved):
+            raise ctx.fail(f"{where}.init_reserved", "must be a string (no NUL)")
+        plain[alias] = value["path"]
+        init[alias] = ModuleInit(
+            os_locking=value.get("os_locking", True),
+            init_reserved=reserved,
+            raw_mechanism_params=value.get("raw_mechanism_params", False),
+        )
+    return {**doc, "modules": plain}, init
+
+
 def toml_to_config(text: str, file: str) -> ServerConfig:
     """Interpret p11guard TOML server configuration ``text``."""
     try:
@@ -203,7 +256,20 @@ def toml_to_config(text: str, file: str) -> ServerConfig:
     tls_raw = doc.get("tls")
     if tls_raw is not None and not isinstance(tls_raw, dict):
         raise ctx.fail("tls", "must be a table")
+    doc, module_init = _module_tables(ctx, doc)
     result = _policy(ctx, doc, text)
+    # The identity and sandbox tables are read by their own modules (imported here:
+    # they import the config model).
+    from p11guard.server.identity import read_identities
+    from p11guard.server.sandbox import read_sandbox
+
+    aliases = tuple(m.alias for m in result.policy.modules)
+    identities = read_identities(doc.get("identity"), aliases, fail=ctx.fail, base=ctx.base,
+                                 line_of=ctx.line_of)
+    sandbox = read_sandbox(doc.get("sandbox"), fail=ctx.fail)
+    chroot = _opt_str(ctx, server, "chroot", "server")
+    if chroot is not None and not os.path.isabs(chroot):
+        raise ctx.fail("server.chroot", "must be an absolute path")
     return ServerConfig(
         listeners=_listeners(ctx, doc.get("listen")),
         policy=result.policy,
@@ -214,6 +280,10 @@ def toml_to_config(text: str, file: str) -> ServerConfig:
         user=_opt_str(ctx, server, "user", "server"),
         group=_opt_str(ctx, server, "group", "server"),
         tls=_tls(ctx, tls_raw) if tls_raw is not None else None,
+        identities=identities,
+        sandbox=sandbox,
+        chroot=chroot,
+        module_init=module_init,
         log_target=cast(LogTarget, log),
         pid_file=resolve_path(pid_file, ctx.base) if pid_file else None,
         source_format="toml",

@@ -36,19 +36,24 @@ import cffi
 
 from p11guard.pkcs11 import constants as c
 from p11guard.pkcs11._cdef import CDEF, SIGNATURES_30, SIGNATURES_240
+from p11guard.pkcs11._cdef_params import PARAMS_CDEF
 from p11guard.pkcs11.types import (
     Info,
     Mechanism,
     MechanismInfo,
+    NativeValue,
     SessionInfo,
     SlotInfo,
     Template,
+    TemplateRequest,
     TokenInfo,
     Version,
 )
 
 ffi: Final = cffi.FFI()
 ffi.cdef(CDEF)
+# Mechanism parameter structures (protocol v4 builds them: pkcs11/cparams.py).
+ffi.cdef(PARAMS_CDEF)
 NULL: Final[Any] = ffi.NULL
 
 CKR_OK: Final = c.CKR_OK
@@ -111,6 +116,10 @@ def _mechanism(mech: Mechanism) -> tuple[Any, Any]:
     cmech.mechanism = mtype
     if not param:  # None and b"" both become NULL/0, as the design requires
         return cmech, None
+    if isinstance(param, NativeValue):  # a structure built in native memory (v4)
+        cmech.pParameter = param.pointer
+        cmech.ulParameterLen = param.size
+        return cmech, param
     buf = ffi.from_buffer(param)
     cmech.pParameter = buf
     cmech.ulParameterLen = len(param)
@@ -129,6 +138,11 @@ def _template(template: Template) -> tuple[Any, int, list[Any]]:
     keep: list[Any] = []
     for attr, (atype, value) in zip(array, template, strict=True):
         attr.type = atype
+        if isinstance(value, NativeValue):  # a nested CK_ATTRIBUTE array (v4)
+            keep.append(value)
+            attr.pValue = value.pointer if value.size else _EMPTY
+            attr.ulValueLen = value.size
+            continue
         if value:
             buf = ffi.from_buffer(value)
             keep.append(buf)
@@ -157,6 +171,43 @@ def _collect(rv: int, buf: Any, out_len: int, got: int) -> OutResult:
     if got > out_len:  # the module claims to have written past our buffer
         return CKR_GENERAL_ERROR, None, got
     return rv, ffi.buffer(buf, got)[:], got
+
+
+def _attribute_array(entries: list[tuple[int, int | None]]) -> tuple[Any, list[Any]]:
+    """A CK_ATTRIBUTE[] for a nested GetAttributeValue request, and its buffers."""
+    array = ffi.new("CK_ATTRIBUTE[]", max(len(entries), 1))
+    bufs: list[Any] = [None] * len(entries)
+    for i, (atype, length) in enumerate(entries):
+        array[i].type = atype
+        if length is not None:
+            bufs[i] = ffi.new("char[]", length or 1)
+            array[i].pValue = bufs[i]
+            array[i].ulValueLen = length
+    return array, bufs
+
+
+def _read_attributes(array: Any, bufs: list[Any],
+                     entries: list[tuple[int, int | None]]) -> list[tuple[int, bytes | None, int]]:
+    out: list[tuple[int, bytes | None, int]] = []
+    for i, (_, length) in enumerate(entries):
+        got = int(array[i].ulValueLen)
+        atype = int(array[i].type)  # the module writes the inner types
+        buf = bufs[i]
+        if buf is None or length is None or got == _UNAVAILABLE or got > length:
+            out.append((atype, None, got))
+        else:
+            out.append((atype, ffi.buffer(buf, got)[:], got))
+    return out
+
+
+def _param(parameter: NativeValue | bytes | None) -> tuple[Any, int, Any]:
+    """pParameter, ulParameterLen and what keeps them alive (message functions)."""
+    if not parameter:
+        return NULL, 0, None
+    if isinstance(parameter, NativeValue):
+        return parameter.pointer, parameter.size, parameter
+    buf = ffi.from_buffer(parameter)
+    return buf, len(parameter), buf
 
 
 # -- table-driven families ----------------------------------------------------
@@ -529,9 +580,13 @@ class Module:
         return rv, int(size[0])
 
     def get_attribute_value(
-        self, session: int, obj: int, request: list[tuple[int, int | None]]
-    ) -> tuple[int, list[tuple[int, bytes | None, int]]]:
+        self, session: int, obj: int, request: list[tuple[int, Any]]
+    ) -> tuple[int, list[tuple[int, Any, int]]]:
         """Each request entry is (type, buffer length or None for a NULL pValue).
+
+        A :class:`TemplateRequest` instead of a length asks for an array
+        attribute through a CK_ATTRIBUTE array; that entry's value is then the
+        list of inner (type, value or None, ulValueLen).
 
         Each result entry is (type, value or None, raw ulValueLen).  Values are
         returned whatever the rv: with CKR_ATTRIBUTE_SENSITIVE,
@@ -541,18 +596,32 @@ class Module:
         count = len(request)
         array = ffi.new("CK_ATTRIBUTE[]", count) if count else NULL
         buffers: list[Any] = [None] * count
+        nested: dict[int, Any] = {}
         for i, (atype, length) in enumerate(request):
             attr = array[i]
             attr.type = atype
+            if isinstance(length, TemplateRequest):
+                inner, inner_bufs = _attribute_array(length.entries)
+                nested[i] = (inner, inner_bufs, length.entries)
+                attr.pValue = inner
+                attr.ulValueLen = len(length.entries) * ffi.sizeof("CK_ATTRIBUTE")
+                continue
             if length is not None:
                 buf = ffi.new("char[]", length or 1)
                 buffers[i] = buf
                 attr.pValue = buf
                 attr.ulValueLen = length
         rv: int = self._f.C_GetAttributeValue(session, obj, array, count)
-        result: list[tuple[int, bytes | None, int]] = []
+        result: list[tuple[int, Any, int]] = []
         for i, (atype, length) in enumerate(request):
             got = int(array[i].ulValueLen)
+            if i in nested:
+                inner, inner_bufs, entries = nested[i]
+                if got == _UNAVAILABLE:
+                    result.append((atype, None, got))
+                else:
+                    result.append((atype, _read_attributes(inner, inner_bufs, entries), got))
+                continue
             buf = buffers[i]
             if buf is None or length is None or got == _UNAVAILABLE or got > length:
                 result.append((atype, None, got))
@@ -718,4 +787,133 @@ class Module:
 
     def session_cancel(self, session: int, flags: int) -> int:
         rv: int = self._f.C_SessionCancel(session, flags)
+        return rv
+
+    # -- PKCS#11 3.0 message-based functions ------------------------------------
+    #
+    # ``parameter``: None/b"" (NULL), a byte string, or a NativeValue built by
+    # pkcs11/cparams.py (whose buffers the module may write: IV, tag).
+    # ``out_len`` None means a NULL output pointer (a length query).
+
+    message_encrypt_init = _mech_key_init("C_MessageEncryptInit")
+    message_decrypt_init = _mech_key_init("C_MessageDecryptInit")
+    message_sign_init = _mech_key_init("C_MessageSignInit")
+    message_verify_init = _mech_key_init("C_MessageVerifyInit")
+    message_encrypt_final = _session_only("C_MessageEncryptFinal")
+    message_decrypt_final = _session_only("C_MessageDecryptFinal")
+    message_sign_final = _session_only("C_MessageSignFinal")
+    message_verify_final = _session_only("C_MessageVerifyFinal")
+
+    def _crypt_message(self, fn: Any, session: int, parameter: NativeValue | bytes | None,
+                       associated_data: bytes, data: bytes, out_len: int | None) -> OutResult:
+        pparam, plen_param, _keep = _param(parameter)
+        plen = ffi.new("CK_ULONG *")
+        if out_len is None:
+            rv: int = fn(session, pparam, plen_param, associated_data, len(associated_data),
+                         data, len(data), NULL, plen)
+            return rv, None, int(plen[0])
+        buf = _out_buffer(out_len)
+        plen[0] = out_len
+        rv = fn(session, pparam, plen_param, associated_data, len(associated_data), data,
+                len(data), buf, plen)
+        return _collect(rv, buf, out_len, int(plen[0]))
+
+    def encrypt_message(self, session: int, parameter: NativeValue | bytes | None,
+                        associated_data: bytes, plaintext: bytes,
+                        out_len: int | None) -> OutResult:
+        return self._crypt_message(self._f.C_EncryptMessage, session, parameter,
+                                   associated_data, plaintext, out_len)
+
+    def decrypt_message(self, session: int, parameter: NativeValue | bytes | None,
+                        associated_data: bytes, ciphertext: bytes,
+                        out_len: int | None) -> OutResult:
+        return self._crypt_message(self._f.C_DecryptMessage, session, parameter,
+                                   associated_data, ciphertext, out_len)
+
+    def encrypt_message_begin(self, session: int, parameter: NativeValue | bytes | None,
+                              associated_data: bytes) -> int:
+        pparam, plen_param, _keep = _param(parameter)
+        rv: int = self._f.C_EncryptMessageBegin(session, pparam, plen_param, associated_data,
+                                                len(associated_data))
+        return rv
+
+    def decrypt_message_begin(self, session: int, parameter: NativeValue | bytes | None,
+                              associated_data: bytes) -> int:
+        pparam, plen_param, _keep = _param(parameter)
+        rv: int = self._f.C_DecryptMessageBegin(session, pparam, plen_param, associated_data,
+                                                len(associated_data))
+        return rv
+
+    def _crypt_next(self, fn: Any, session: int, parameter: NativeValue | bytes | None,
+                    data: bytes, out_len: int | None, flags: int) -> OutResult:
+        pparam, plen_param, _keep = _param(parameter)
+        plen = ffi.new("CK_ULONG *")
+        if out_len is None:
+            rv: int = fn(session, pparam, plen_param, data, len(data), NULL, plen, flags)
+            return rv, None, int(plen[0])
+        buf = _out_buffer(out_len)
+        plen[0] = out_len
+        rv = fn(session, pparam, plen_param, data, len(data), buf, plen, flags)
+        return _collect(rv, buf, out_len, int(plen[0]))
+
+    def encrypt_message_next(self, session: int, parameter: NativeValue | bytes | None,
+                             plaintext: bytes, out_len: int | None, flags: int) -> OutResult:
+        return self._crypt_next(self._f.C_EncryptMessageNext, session, parameter, plaintext,
+                                out_len, flags)
+
+    def decrypt_message_next(self, session: int, parameter: NativeValue | bytes | None,
+                             ciphertext: bytes, out_len: int | None, flags: int) -> OutResult:
+        return self._crypt_next(self._f.C_DecryptMessageNext, session, parameter, ciphertext,
+                                out_len, flags)
+
+    def sign_message(self, session: int, parameter: NativeValue | bytes | None, data: bytes,
+                     out_len: int | None) -> OutResult:
+        return self._sign_call(self._f.C_SignMessage, session, parameter, data, out_len)
+
+    def sign_message_begin(self, session: int, parameter: NativeValue | bytes | None) -> int:
+        pparam, plen_param, _keep = _param(parameter)
+        rv: int = self._f.C_SignMessageBegin(session, pparam, plen_param)
+        return rv
+
+    def sign_message_next(self, session: int, parameter: NativeValue | bytes | None,
+                          data: bytes, final: bool, out_len: int | None) -> OutResult:
+        """Not ``final``: pulSignatureLen is NULL (more parts follow)."""
+        if not final:
+            pparam, plen_param, _keep = _param(parameter)
+            rv: int = self._f.C_SignMessageNext(session, pparam, plen_param, data, len(data),
+                                                NULL, NULL)
+            return rv, None, 0
+        return self._sign_call(self._f.C_SignMessageNext, session, parameter, data, out_len)
+
+    def _sign_call(self, fn: Any, session: int, parameter: NativeValue | bytes | None,
+                   data: bytes, out_len: int | None) -> OutResult:
+        pparam, plen_param, _keep = _param(parameter)
+        plen = ffi.new("CK_ULONG *")
+        if out_len is None:
+            rv: int = fn(session, pparam, plen_param, data, len(data), NULL, plen)
+            return rv, None, int(plen[0])
+        buf = _out_buffer(out_len)
+        plen[0] = out_len
+        rv = fn(session, pparam, plen_param, data, len(data), buf, plen)
+        return _collect(rv, buf, out_len, int(plen[0]))
+
+    def verify_message(self, session: int, parameter: NativeValue | bytes | None, data: bytes,
+                       signature: bytes) -> int:
+        pparam, plen_param, _keep = _param(parameter)
+        rv: int = self._f.C_VerifyMessage(session, pparam, plen_param, data, len(data),
+                                          signature, len(signature))
+        return rv
+
+    def verify_message_begin(self, session: int, parameter: NativeValue | bytes | None) -> int:
+        pparam, plen_param, _keep = _param(parameter)
+        rv: int = self._f.C_VerifyMessageBegin(session, pparam, plen_param)
+        return rv
+
+    def verify_message_next(self, session: int, parameter: NativeValue | bytes | None,
+                            data: bytes, signature: bytes | None) -> int:
+        """``signature`` None: pSignature NULL (more parts follow)."""
+        pparam, plen_param, _keep = _param(parameter)
+        sig, sig_len = _bytes_or_null(signature)
+        rv: int = self._f.C_VerifyMessageNext(session, pparam, plen_param, data, len(data),
+                                              sig, sig_len)
         return rv

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 Version = tuple[int, int]  # (major, minor)
 # (mechanism type, parameter); None and b"" both reach the module as NULL/0.
-Mechanism = tuple[int, bytes | None]
-# Input templates: (attribute type, raw value bytes in the module's layout).
-Template = list[tuple[int, bytes]]
+# Protocol v4 passes a structure built in native memory as a NativeValue.
+Mechanism = tuple[int, "bytes | NativeValue | None"]
+# Input templates: (attribute type, raw value bytes in the module's layout, or a
+# nested CK_ATTRIBUTE array built in native memory).
+Template = list[tuple[int, "bytes | NativeValue"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +71,38 @@ class MechanismInfo:
     min_key_size: int
     max_key_size: int
     flags: int
+
+
+class NativeValue:
+    """A value already laid out in native memory: a C parameter structure or a
+    nested CK_ATTRIBUTE array (protocol v4).  The binding passes ``pointer`` and
+    ``size`` to the module as they are; ``keep`` holds every buffer the
+    structure points into, alive for as long as this object is."""
+
+    __slots__ = ("keep", "pointer", "size")
+
+    def __init__(self, pointer: object, size: int, keep: object = None) -> None:
+        self.pointer = pointer
+        self.size = size
+        self.keep = keep
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bool__(self) -> bool:
+        return True  # never "empty": a structure is never passed as NULL
+
+    def __repr__(self) -> str:
+        return f"NativeValue(<{self.size} bytes>)"
+
+
+class TemplateRequest:
+    """A GetAttributeValue request entry for an array attribute (CKA_WRAP_TEMPLATE):
+    the module gets a CK_ATTRIBUTE array of ``entries`` (type, buffer length or
+    None for a NULL pValue) and the answer's value is the list of inner
+    ``(type, value | None, ulValueLen)``."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[tuple[int, int | None]]) -> None:
+        self.entries = entries

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config.model import ModuleInit
 from ..pkcs11 import attributes as attrs
 from ..pkcs11.mechparams import NATIVE_ARCH, Arch, ParamRefused, native_parameter
 from ..wire import procedures as procs
@@ -38,6 +39,7 @@ CKR_DATA_LEN_RANGE = 0x21
 CKR_HOST_MEMORY = 0x2
 CKR_CANT_LOCK = 0xA
 CKF_OS_LOCKING_OK = 0x2
+CKF_LIBRARY_CANT_CREATE_OS_THREADS = 0x1
 CK_UNAVAILABLE_INFORMATION = (1 << 64) - 1
 RV_PROTOCOL_ERROR = CK_UNAVAILABLE_INFORMATION  # Caml Crush's "-1"
 
@@ -100,8 +102,11 @@ class Dispatcher:
         alias_matcher: Callable[[str, str], bool] | None = None,
         on_call: Callable[[str, int], None] | None = None,
         wrap_backend: Callable[[Any, str], Any] | None = None,
+        module_init: Mapping[str, ModuleInit] | None = None,
     ) -> None:
         self.modules = modules
+        # Per alias C_Initialize arguments (OS locking, pReserved), [modules.<alias>].
+        self.module_init = dict(module_init or {})
         self.loader = loader
         self.limits = limits
         self.state = ConnectionState()
@@ -265,20 +270,38 @@ class Dispatcher:
         return None
 
     def _initialize(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (self.initialize_module(),)
+
+    def initialize_module(self, client_flags: int = 0) -> int:
+        """C_Initialize with the alias's configured arguments (shared with v4).
+
+        ``client_flags``: CK_C_INITIALIZE_ARGS flags the client passed (v4 only);
+        only CKF_LIBRARY_CANT_CREATE_OS_THREADS is forwarded, the locking
+        choice is the server's.
+        """
         module = self.state.module
         if module is None:
-            return (CKR_GENERAL_ERROR,)  # Caml Crush: Initialize before LoadModule
+            return CKR_GENERAL_ERROR  # Caml Crush: Initialize before LoadModule
+        init = self.module_init.get(self.state.alias or "") or ModuleInit()
+        reserved = (init.init_reserved.encode() + b"\0"
+                    if init.init_reserved is not None else None)
+        extra = client_flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS
         # The worker runs calls on different sessions in parallel threads, which
         # PKCS#11 allows only when the module was told it may use OS locking.
-        rv = module.initialize(CKF_OS_LOCKING_OK)
-        if rv == CKR_CANT_LOCK:
-            rv = module.initialize()
+        if init.os_locking:
+            rv = module.initialize(CKF_OS_LOCKING_OK | extra, reserved)
+            if rv == CKR_CANT_LOCK:
+                rv = module.initialize(extra, reserved)
+                if rv == CKR_OK:
+                    log.info("module cannot use OS locking: calls are serialised")
+                    self.serial = True
+        else:
+            rv = module.initialize(extra, reserved)
             if rv == CKR_OK:
-                log.info("module cannot use OS locking: calls are serialised")
                 self.serial = True
         if rv == CKR_OK:
             self.state.initialized = True
-        return (rv,)
+        return int(rv)
 
     def _finalize(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         module = self._require_module()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config.server import Listener, ServerConfig
+from .sandbox import sigsys_hint
 
 log = logging.getLogger("p11guard.listener")
 
@@ -34,13 +35,16 @@ class BoundListener:
     spec: Listener
     sock: socket.socket
     path: Path | None = None  # Unix socket file we created (removed on exit)
+    tls: bool = False  # workers handshake TLS on this listener's connections
+    inherited: bool = False  # passed by systemd (LISTEN_FDS), not bound by us
 
     @property
     def description(self) -> str:
+        suffix = (" (TLS)" if self.tls else "") + (" (from systemd)" if self.inherited else "")
         if self.spec.kind == "unix":
-            return f"unix:{self.spec.path}"
+            return f"unix:{self.spec.path}{suffix}"
         host, port = self.sock.getsockname()[:2]
-        return f"tcp:{host}:{port}"
+        return f"tcp:{host}:{port}{suffix}"
 
 
 @dataclass
@@ -77,7 +81,27 @@ def bind(spec: Listener) -> BoundListener:
     return BoundListener(spec, sock)
 
 
-WorkerMain = Callable[[socket.socket, str], None]
+def adopt(sock: socket.socket, specs: list[Listener]) -> tuple[BoundListener, Listener | None]:
+    """Wrap a socket systemd passed us; match it to a configured listener if one has
+    its address (that listener is then not bound again)."""
+    name = sock.getsockname()
+    for spec in specs:
+        if spec.kind == "unix" and sock.family == socket.AF_UNIX:
+            if spec.path == (name.decode() if isinstance(name, bytes) else name):
+                return BoundListener(spec, sock, inherited=True), spec
+        elif spec.kind == "tcp" and sock.family != socket.AF_UNIX:
+            host, port = name[:2]
+            wanted = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)
+            if port == spec.port and any(info[4][0] == host for info in wanted):
+                return BoundListener(spec, sock, inherited=True), spec
+    if sock.family == socket.AF_UNIX:
+        path = name.decode() if isinstance(name, bytes) else str(name)
+        return BoundListener(Listener("unix", path=path), sock, inherited=True), None
+    host, port = name[:2]
+    return BoundListener(Listener("tcp", host=host, port=port), sock, inherited=True), None
+
+
+WorkerMain = Callable[[socket.socket, str, BoundListener], None]
 
 
 class Server:
@@ -138,16 +162,16 @@ class Server:
                 conn.close()
                 continue
             self.stats.accepted += 1
-            self._fork_worker(conn, peer)
+            self._fork_worker(conn, peer, bl)
 
-    def _fork_worker(self, conn: socket.socket, peer: str) -> None:
+    def _fork_worker(self, conn: socket.socket, peer: str, bl: BoundListener) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
             try:
                 self._become_worker()
                 conn.setblocking(True)
-                self.worker_main(conn, peer)
+                self.worker_main(conn, peer, bl)
             except BaseException:  # never return into the listener's loop
                 log.exception("worker for %s failed", peer)
                 code = 1
@@ -190,7 +214,9 @@ class Server:
             if pid == 0:
                 return
             started = self.stats.workers.pop(pid, None)
-            if os.WIFSIGNALED(status):
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
+                log.error("worker %d killed by SIGSYS: %s", pid, sigsys_hint())
+            elif os.WIFSIGNALED(status):
                 log.warning("worker %d killed by %s", pid,
                             signal.Signals(os.WTERMSIG(status)).name)
             elif os.waitstatus_to_exitcode(status) != 0:
@@ -204,7 +230,7 @@ class Server:
             with contextlib.suppress(OSError):
                 self._selector.unregister(bl.sock)
             bl.sock.close()
-            if bl.path is not None:
+            if bl.path is not None and not bl.inherited:
                 with contextlib.suppress(OSError):
                     bl.path.unlink()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -12,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config.server import ServerConfig
+from ..config.server import ConfigError, ServerConfig
 from ..policy.engine import EngineContext, wrap_module
 from ..wire.codec import Limits
+from . import sandbox, systemd
 from .dispatch import Dispatcher
-from .listener import Server, bind
-from .worker import Connection, WorkerSettings
+from .dispatch_v4 import DispatcherV4
+from .identity import Gate, guard_load_module
+from .listener import BoundListener, Server, adopt, bind
+from .tls import listener_uses_tls, server_context
+from .worker import Connection, Handler, WorkerSettings
 
 log = logging.getLogger("p11guard")
 
@@ -52,54 +57,88 @@ def limits_of(config: ServerConfig) -> Limits:
 def _alias_matcher(config: ServerConfig) -> Any:
     """How a requested module name is matched against the configured aliases.
 
-    Strict (default): the alias pattern must match the whole name, with no
-    newline tricks.  Compat: Caml Crush's prefix-anchored Str matching.
+    Strict (default): the requested name must be a configured alias, exactly
+    (a pattern alias would let a client pick a name that no rule covers,
+    Caml Crush's bug B5; the policy engine refuses such a name too).
+    Compat: Caml Crush's prefix-anchored Str matching.
     """
     from ..policy import strregex
 
     if getattr(config.policy, "mode", "strict") == "compat":
         return strregex.camlcrush_match
-    return strregex.strict_match
+    return lambda pattern, name: pattern == name
 
 
-def make_worker_main(config: ServerConfig, options: ServeOptions) -> Any:
+def make_worker_main(config: ServerConfig, options: ServeOptions, gate: Gate | None = None,
+                     seccomp: bool = False) -> Any:
     limits = limits_of(config)
-    settings = WorkerSettings(limits=limits, max_threads=getattr(config, "worker_threads", 4))
-    modules = {m.alias: m.path for m in config.policy.modules}
+    # Threads per worker (calls on different sessions in parallel); 1 = serial.
+    threads = int(os.environ.get("P11GUARD_WORKER_THREADS", "4"))
+    settings = WorkerSettings(limits=limits, max_threads=max(1, threads))
     matcher = _alias_matcher(config)
+    gate = gate or Gate(config, None)
 
-    def worker_main(conn: socket.socket, peer: str) -> None:
+    def worker_main(conn: socket.socket, peer: str, bl: BoundListener) -> None:
         from ..pkcs11.binding import Module
 
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pid = os.getpid()
+        # TLS handshake, identity and its rights: before any RPC is read.
+        admission = gate.admit(conn, peer, bl.tls)
+        if admission is None:
+            conn.close()
+            return
 
         def on_call(name: str, rv: int) -> None:
             log.info("[%d] %s -> 0x%x", pid, name, rv)
 
         context = EngineContext(peer=peer, pid=pid)
         dispatcher = Dispatcher(
-            modules, Module, limits, alias_matcher=matcher,
+            admission.modules, Module, limits, alias_matcher=matcher,
             on_call=on_call if options.debug_pkcs11 else None,
-            wrap_backend=lambda module, alias: wrap_module(module, config.policy, alias, context),
+            wrap_backend=lambda module, alias: wrap_module(module, admission.policy, alias,
+                                                           context),
+            module_init=config.module_init,
         )
-        connection = Connection(conn, dispatcher.handle, settings)
+        # Protocol v4 (p11guard's own) shares the dispatcher's state; the same
+        # wrappers apply (LoadModule and Initialize keep their numbers in v4).
+        handlers: dict[int, Handler] = {3: dispatcher.handle,
+                                         4: DispatcherV4(dispatcher).handle}
+        for version, handle in list(handlers.items()):
+            wrapped = guard_load_module(handle, admission, matcher)
+            if seccomp:
+                wrapped = sandbox.sandbox_after_initialize(
+                    wrapped, config.sandbox, lambda: connection.shutdown())
+            handlers[version] = wrapped
+        handler = handlers.pop(3)
+        connection = Connection(admission.stream, handler, settings, handlers)
         signal.signal(signal.SIGTERM, lambda *_: connection.shutdown())
         log.debug("worker serving %s", peer)
         try:
             connection.run()
         finally:
             dispatcher.close()
-            conn.close()
+            admission.close()
             log.debug("worker for %s done: %d calls", peer, connection.calls)
 
     return worker_main
 
 
-def _daemonize() -> None:
+def _daemonize() -> int:
+    """Detach; the original process exits only once the daemon says it is ready.
+
+    Returns the write end of a pipe: the daemon writes one byte to it when it
+    serves (pid file written, privileges dropped).  If the daemon dies first,
+    the original process exits with status 1, so `p11guard serve` without
+    --foreground fails visibly instead of "succeeding" into nothing.
+    """
+    read_fd, write_fd = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(write_fd)
+        ready = os.read(read_fd, 1)
+        os._exit(0 if ready == b"1" else 1)
+    os.close(read_fd)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -108,6 +147,14 @@ def _daemonize() -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+    return write_fd
+
+
+def _signal_ready(write_fd: int | None) -> None:
+    if write_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(write_fd, b"1")
+        os.close(write_fd)
 
 
 def serve(config: ServerConfig, options: ServeOptions) -> int:
@@ -116,20 +163,85 @@ def serve(config: ServerConfig, options: ServeOptions) -> int:
     setup_logging(target, options.verbose or config.policy.debug >= 2)
     for notice in config.notices:
         log.info("config: %s", notice)
+    # The filter engine's own start-up checks: an action (patch) that does not
+    # resolve is an error, never silently ignored.
+    from ..policy.engine import check_startup
+
+    errors, warnings = check_startup(config.policy)
+    for warning in warnings:
+        log.warning("config: %s", warning)
+    if errors:
+        for error in errors:
+            log.error("config: %s", error)
+        return 2
     # Importing the binding builds cffi's type declarations once, in the listener:
     # workers inherit them.  No PKCS#11 module is loaded here.
-    from ..pkcs11 import binding  # noqa: F401
-
-    bound = [bind(spec) for spec in config.listeners]
-    if not options.foreground:
-        _daemonize()
+    _preload()
+    # The order of these steps is documented in sandbox.py and docs/deployment.md.
+    bound = _listen(config)
+    try:
+        tls_context = (server_context(config.tls) if config.tls and any(bl.tls for bl in bound)
+                       else None)
+        gate = Gate(config, tls_context)
+    except (ValueError, ConfigError) as exc:  # reported by the CLI as "cannot start"
+        raise OSError(str(exc)) from None
+    if config.tls is not None and tls_context is None:
+        log.warning("a [tls] section is configured but no listener uses TLS")
+    creds = sandbox.resolve_user(config.user, config.group)
+    notifier = systemd.Notifier()
+    ready_fd = None if options.foreground else _daemonize()
     pid_file = options.pid_file or config.pid_file
     if pid_file:
         Path(pid_file).write_text(f"{os.getpid()}\n")
-    server = Server(config, bound, make_worker_main(config, options))
+    sandbox.drop_privileges(creds, config.chroot)
+    sandbox.harden_process()
+    seccomp = config.sandbox.seccomp
+    if seccomp:
+        why_not = sandbox.seccomp_supported()
+        if why_not is not None:
+            log.warning("sandbox off: %s", why_not)
+            seccomp = False
+    else:
+        log.warning("sandbox off: [sandbox] seccomp = false")
+    server = Server(config, bound, make_worker_main(config, options, gate, seccomp))
+    notifier.ready(f"serving {len(bound)} listener(s)")
+    _signal_ready(ready_fd)
     try:
         server.serve_forever()
     finally:
+        notifier.stopping()
         if pid_file:
-            Path(pid_file).unlink(missing_ok=True)
+            # After the privilege drop the pid file's directory may not be ours.
+            with contextlib.suppress(OSError):
+                Path(pid_file).unlink(missing_ok=True)
     return 0
+
+
+def _listen(config: ServerConfig) -> list[BoundListener]:
+    """Sockets passed by systemd (LISTEN_FDS) first, then bind the configured rest."""
+    pending = list(config.listeners)
+    bound: list[BoundListener] = []
+    for sock in systemd.listen_sockets():
+        bl, spec = adopt(sock, pending)
+        if spec is not None:
+            pending.remove(spec)
+        else:
+            log.info("serving %s from systemd although it is not in the configuration",
+                     bl.description)
+        bound.append(bl)
+    bound += [bind(spec) for spec in pending]
+    for bl in bound:
+        bl.tls = listener_uses_tls(bl.spec, config)
+    return bound
+
+
+def _preload() -> None:
+    """Import what a worker may need later: after a chroot or the privilege drop the
+    Python installation may not be readable any more."""
+    import cryptography.hazmat.primitives.serialization
+    import cryptography.x509
+    import cryptography.x509.oid  # noqa: F401
+
+    from ..pkcs11 import binding  # noqa: F401
+    from ..policy import strregex  # noqa: F401
+    from ..wire import procedures  # noqa: F401

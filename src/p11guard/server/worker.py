@@ -20,11 +20,11 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..wire import rpc
-from ..wire.codec import PROCEDURE_CODECS, Limits, rv_only_result
-from ..wire.procedures import PROGRAM, VERSION_CAMLCRUSH
+from ..wire.codec import CODECS_BY_VERSION, Limits, ProcedureCodec, rv_only_result
+from ..wire.procedures import PROGRAM, VERSION_CAMLCRUSH, VERSION_P11GUARD
 from ..wire.rpc import RecordReader
 from ..wire.xdr import Packer, XdrError
 
@@ -38,19 +38,38 @@ RECV_SIZE = 256 * 1024
 class WorkerSettings:
     limits: Limits
     max_threads: int = 4
-    supported_versions: tuple[int, int] = (VERSION_CAMLCRUSH, VERSION_CAMLCRUSH)
+    # Versions offered when a handler exists for them (Connection.more_handlers).
+    supported_versions: tuple[int, int] = (VERSION_CAMLCRUSH, VERSION_P11GUARD)
 
 
 Handler = Callable[[int, tuple[Any, ...]], tuple[Any, ...]]
 
 
-class Connection:
-    """The RPC loop for one connected client."""
+class Stream(Protocol):
+    """What a connection needs of its transport: a socket, or a TLS stream over one."""
 
-    def __init__(self, sock: socket.socket, handler: Handler, settings: WorkerSettings) -> None:
+    def recv(self, bufsize: int, /) -> bytes: ...
+    def sendall(self, data: bytes | bytearray, /) -> None: ...
+    def shutdown(self, how: int, /) -> None: ...
+
+
+class Connection:
+    """The RPC loop for one connected client.
+
+    ``handler`` serves protocol version 3; ``more_handlers`` other versions
+    (4: :mod:`p11guard.server.dispatch_v4`).  A connection speaks the version
+    of its first accepted call: a call of another version gets PROG_MISMATCH
+    naming that version.
+    """
+
+    def __init__(self, sock: Stream, handler: Handler, settings: WorkerSettings,
+                 more_handlers: dict[int, Handler] | None = None) -> None:
         self.sock = sock
         self.handler = handler
         self.settings = settings
+        self.handlers: dict[int, Handler] = {VERSION_CAMLCRUSH: handler, **(more_handlers or {})}
+        self.version: int | None = None  # fixed by the first accepted call
+        self._codecs: dict[int, ProcedureCodec] = CODECS_BY_VERSION[VERSION_CAMLCRUSH]
         self.reader = RecordReader(settings.limits.max_record_size)
         self._leader = threading.Lock()
         self._send = threading.Lock()
@@ -115,7 +134,7 @@ class Connection:
         t.start()
 
     def _session_lock(self, number: int, body: memoryview) -> threading.Lock | None:
-        proc = PROCEDURE_CODECS[number].procedure
+        proc = self._codecs[number].procedure
         if not proc.args or proc.args[0].name != "session" or len(body) < 8:
             return None
         session = int.from_bytes(body[:8], "big")
@@ -176,18 +195,28 @@ class Connection:
             self._send_record(rpc.prog_unavail_reply(xid))
             return None
         low, high = self.settings.supported_versions
-        if not low <= call.version <= high:
+        high = min(high, max(self.handlers))
+        if self.version is not None and call.version != self.version:
+            # One connection, one protocol version: the one it started with.
+            self._send_record(rpc.prog_mismatch_reply(xid, self.version, self.version))
+            return None
+        if not low <= call.version <= high or call.version not in self.handlers:
             self._send_record(rpc.prog_mismatch_reply(xid, low, high))
             return None
-        if call.procedure not in PROCEDURE_CODECS:
+        codecs = CODECS_BY_VERSION[call.version]
+        if call.procedure not in codecs:
             self._send_record(rpc.proc_unavail_reply(xid))
             return None
+        if self.version is None:
+            # Set by the leader before any call runs: later calls see it.
+            self.version = call.version
+            self._codecs = codecs
         return xid, call.procedure, memoryview(record)[call.body_offset :]
 
     # -- executing ------------------------------------------------------------------
 
     def _execute(self, xid: int, number: int, body: memoryview) -> None:
-        codec = PROCEDURE_CODECS[number]
+        codec = self._codecs[number]
         try:
             args = codec.args.decode(body, self.settings.limits)
         except XdrError as exc:
@@ -195,24 +224,29 @@ class Connection:
             self._send_record(rpc.garbage_args_reply(xid))
             return
         try:
-            result = self.handler(number, args)
+            result = self.handlers[self.version or VERSION_CAMLCRUSH](number, args)
         except Exception:  # one bad call must not end the worker
             log.exception("%s failed unexpectedly", codec.procedure.c_name)
             result = rv_only_result(codec.procedure, CKR_GENERAL_ERROR)
         packer = Packer()
-        packer.raw(rpc.success_reply_header(xid))
         try:
             codec.result.encode_into(packer, result)
         except Exception:  # a malformed backend answer becomes an error code
             log.exception("%s: cannot encode the result", codec.procedure.c_name)
             packer = Packer()
-            packer.raw(rpc.success_reply_header(xid))
             codec.result.encode_into(packer, rv_only_result(codec.procedure, CKR_GENERAL_ERROR))
+        payload = packer.buffer()
         self.calls += 1
-        self._send_record(bytes(packer.buffer()))
+        if len(payload) + 24 <= rpc.MAX_FRAGMENT:
+            # One fragment, one buffer, one send: record mark and header packed at once.
+            self._send_bytes(rpc.framed_success_header(xid, len(payload)) + payload)
+        else:
+            self._send_record(rpc.success_reply_header(xid) + bytes(payload))
 
     def _send_record(self, record: bytes) -> None:
-        data = rpc.frame(record)
+        self._send_bytes(rpc.frame(record))
+
+    def _send_bytes(self, data: bytes | bytearray) -> None:
         with self._send:
             try:
                 self.sock.sendall(data)

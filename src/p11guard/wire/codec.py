@@ -26,7 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .procedures import BY_NUMBER, PROCEDURES, STRUCTS, Field, Kind, Procedure
+from . import mechanisms as mech4
+from . import templates as tmpl4
+from .procedures import BY_NUMBER, PROCEDURES, STRUCTS, TABLES, Field, Kind, Procedure
 from .xdr import Packer, Unpacker, XdrError
 
 Template = list[tuple[int, bytes, int]]
@@ -171,12 +173,33 @@ def _struct_codec(kind: Kind) -> tuple[_Enc, _Dec]:
     return enc, dec
 
 
+# Protocol version 4's typed kinds (wire/mechanisms.py, wire/templates.py).
+
+def _dec_typed_mechanism(u: Unpacker, lim: Limits) -> mech4.TypedMechanism:
+    return mech4.decode_mechanism(u, lim.max_opaque)
+
+
+def _dec_typed_param(u: Unpacker, lim: Limits) -> mech4.ParamValue:
+    return mech4.decode_param(u, lim.max_opaque)
+
+
+def _enc_typed_template(p: Packer, v: tmpl4.TypedTemplate) -> None:
+    tmpl4.encode_template(p, v)
+
+
+def _dec_typed_template(u: Unpacker, lim: Limits) -> tmpl4.TypedTemplate:
+    return tmpl4.decode_template(u, lim.max_attributes, lim.max_opaque, lim.max_list_count)
+
+
 CODECS: dict[Kind, tuple[_Enc, _Dec]] = {
     Kind.HYPER: (_enc_hyper, _dec_hyper),
     Kind.OPAQUE: (_enc_opaque, _dec_opaque),
     Kind.MECHANISM: (_enc_mechanism, _dec_mechanism),
     Kind.TEMPLATE: (_enc_template, _dec_template),
     Kind.HYPER_LIST: (_enc_hyper_list, _dec_hyper_list),
+    Kind.TYPED_MECHANISM: (mech4.encode_mechanism, _dec_typed_mechanism),
+    Kind.TYPED_PARAM: (mech4.encode_param, _dec_typed_param),
+    Kind.TYPED_TEMPLATE: (_enc_typed_template, _dec_typed_template),
 }
 for _kind in STRUCTS:
     CODECS[_kind] = _struct_codec(_kind)
@@ -271,6 +294,17 @@ PROCEDURE_CODECS: dict[int, ProcedureCodec] = {
 }
 
 
+# Per protocol version (3: Caml Crush's, 4: p11guard's): number -> codec.
+CODECS_BY_VERSION: dict[int, dict[int, ProcedureCodec]] = {
+    version: {
+        number: ProcedureCodec(p, FieldCodec(p.args), FieldCodec(p.result))
+        for number, p in table.items()
+    }
+    for version, table in TABLES.items()
+}
+CODECS_BY_VERSION[3] = PROCEDURE_CODECS  # the very same objects as before
+
+
 def codec_for(number: int) -> ProcedureCodec:
     try:
         return PROCEDURE_CODECS[number]
@@ -297,7 +331,11 @@ def empty_value(kind: Kind) -> Any:
         return b""
     if kind is Kind.MECHANISM:
         return (0, b"")
-    if kind in (Kind.TEMPLATE, Kind.HYPER_LIST):
+    if kind is Kind.TYPED_MECHANISM:
+        return (0, mech4.NO_PARAM)
+    if kind is Kind.TYPED_PARAM:
+        return mech4.NO_PARAM
+    if kind in (Kind.TEMPLATE, Kind.HYPER_LIST, Kind.TYPED_TEMPLATE):
         return []
     out: dict[str, Any] = {}
     for name, shape in STRUCTS[kind]:
@@ -313,6 +351,7 @@ def empty_value(kind: Kind) -> Any:
 
 __all__ = [
     "BY_NUMBER",
+    "CODECS_BY_VERSION",
     "DEFAULT_LIMITS",
     "PROCEDURE_CODECS",
     "FieldCodec",

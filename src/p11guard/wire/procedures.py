@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 PROGRAM = 4
 VERSION_CAMLCRUSH = 3
+VERSION_P11GUARD = 4
 
 
 class Kind(enum.Enum):
@@ -32,6 +33,10 @@ class Kind(enum.Enum):
     TOKEN_INFO = "token_info"  # rpc_ck_token_info
     SESSION_INFO = "session_info"  # rpc_ck_session_info
     MECHANISM_INFO = "mechanism_info"  # rpc_ck_mechanism_info
+    # Protocol version 4 only (p11guard's own, see docs/protocol.md):
+    TYPED_MECHANISM = "TM"  # hyper type + typed parameter (wire/mechanisms.py)
+    TYPED_PARAM = "TP"  # a typed parameter alone (message-based functions)
+    TYPED_TEMPLATE = "TT"  # typed, nestable attribute array (wire/templates.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,3 +229,95 @@ ARCH_NOT_INITIALIZED = 6
 
 assert len(PROCEDURES) == 69 and len(BY_NUMBER) == 69, "the protocol has 69 procedures"
 assert sorted(BY_NUMBER) == list(range(2, 71))
+
+
+# --- protocol version 4 (p11guard's own; docs/protocol.md) -----------------------
+#
+# The same table form.  Version 4 keeps every version-3 procedure number with the
+# same meaning, with typed encodings where version 3 carried client memory:
+# mechanisms (M -> TM), templates (T -> TT), GetAttributeValue (a list of types in,
+# a typed template out), Initialize (the caller's CK_C_INITIALIZE_ARGS flags) and
+# the output calls (the caller's buffer size in, ``length`` out: C's length
+# queries and CKR_BUFFER_TOO_SMALL travel as they are, no client-side cache).
+# New numbers (71 and up) carry the PKCS#11 3.0 functions.
+
+OUT_LEN_NULL = (1 << 64) - 1  # out_len meaning "the output pointer is NULL"
+_VALUE4 = "rv:H value:O length:H"
+_OUTPUT_CALLS = frozenset(
+    name for _, name, _, result in _TABLE if result == _VALUE
+)
+
+_V4_OVERRIDES: dict[str, tuple[str, str]] = {
+    "Initialize": ("flags:H", _RV),
+    "GetAttributeValue": ("session:H object:H types:L", "rv:H template:TT"),
+}
+
+
+def _v4_row(number: int, name: str, args: str, result: str) -> tuple[int, str, str, str]:
+    if name in _V4_OVERRIDES:
+        args, result = _V4_OVERRIDES[name]
+        return number, name, args, result
+    args = " ".join(
+        item.replace(":M", ":TM") if item.endswith(":M") else
+        item.replace(":T", ":TT") if item.endswith(":T") else item
+        for item in args.split()
+    )
+    if name in _OUTPUT_CALLS:
+        args = f"{args} out_len:H"
+        result = _VALUE4
+    return number, name, args, result
+
+
+_MSG_IN = "session:H parameter:TP associated_data:O data:O out_len:H"
+_MSG_NEXT = "session:H parameter:TP data:O out_len:H flags:H"
+_MSG_OUT = "rv:H parameter:TP value:O length:H"
+
+_TABLE_V4_NEW: tuple[tuple[int, str, str, str], ...] = (
+    (71, "GetInterfaceInfo", "", "rv:H major:H minor:H flags:H functions:L"),
+    (72, "LoginUser", "session:H user_type:H pin:O username:O", _RV),
+    (73, "SessionCancel", "session:H flags:H", _RV),
+    (74, "MessageEncryptInit", "session:H mechanism:TM key:H", _RV),
+    (75, "EncryptMessage", _MSG_IN, _MSG_OUT),
+    (76, "EncryptMessageBegin", "session:H parameter:TP associated_data:O",
+     "rv:H parameter:TP"),
+    (77, "EncryptMessageNext", _MSG_NEXT, _MSG_OUT),
+    (78, "MessageEncryptFinal", "session:H", _RV),
+    (79, "MessageDecryptInit", "session:H mechanism:TM key:H", _RV),
+    (80, "DecryptMessage", _MSG_IN, _MSG_OUT),
+    (81, "DecryptMessageBegin", "session:H parameter:TP associated_data:O",
+     "rv:H parameter:TP"),
+    (82, "DecryptMessageNext", _MSG_NEXT, _MSG_OUT),
+    (83, "MessageDecryptFinal", "session:H", _RV),
+    (84, "MessageSignInit", "session:H mechanism:TM key:H", _RV),
+    (85, "SignMessage", "session:H parameter:TP data:O out_len:H", _VALUE4),
+    (86, "SignMessageBegin", "session:H parameter:TP", _RV),
+    (87, "SignMessageNext", "session:H parameter:TP data:O final:H out_len:H", _VALUE4),
+    (88, "MessageSignFinal", "session:H", _RV),
+    (89, "MessageVerifyInit", "session:H mechanism:TM key:H", _RV),
+    (90, "VerifyMessage", "session:H parameter:TP data:O signature:O", _RV),
+    (91, "VerifyMessageBegin", "session:H parameter:TP", _RV),
+    (92, "VerifyMessageNext", "session:H parameter:TP data:O final:H signature:O", _RV),
+    (93, "MessageVerifyFinal", "session:H", _RV),
+)
+
+_TABLE_V4: tuple[tuple[int, str, str, str], ...] = (
+    tuple(_v4_row(*row) for row in _TABLE) + _TABLE_V4_NEW
+)
+
+PROCEDURES_V4: tuple[Procedure, ...] = tuple(
+    Procedure(number, name, _f(args), _f(result)) for number, name, args, result in _TABLE_V4
+)
+
+# Per protocol version: number -> procedure.  THE lookup the worker, the codec
+# and the clients use.
+TABLES: dict[int, dict[int, Procedure]] = {
+    VERSION_CAMLCRUSH: BY_NUMBER,
+    VERSION_P11GUARD: {p.number: p for p in PROCEDURES_V4},
+}
+BY_NAME_V4: dict[str, Procedure] = {p.name: p for p in PROCEDURES_V4}
+NAMES_BY_VERSION: dict[int, dict[str, Procedure]] = {
+    VERSION_CAMLCRUSH: BY_NAME,
+    VERSION_P11GUARD: BY_NAME_V4,
+}
+
+assert sorted(TABLES[VERSION_P11GUARD]) == list(range(2, 94))

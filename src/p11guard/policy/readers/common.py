@@ -81,8 +81,9 @@ def check_policy(policy: Policy, mode: Mode, *, cross: bool = True) -> list[str]
         seen.setdefault(entry.alias, entry.location)
         if mode == "strict" and any(c in _PATTERN_CHARS for c in entry.alias):
             warnings.append(warning_text(
-                f"alias {entry.alias!r} is a pattern: rules are matched against the name the "
-                "client asks for, so a client may pick a name no rule covers",
+                f"alias {entry.alias!r} is a pattern: in strict mode a client must ask for a "
+                "configured alias exactly, so only the literal name matches it (compat mode "
+                "matches it as a pattern, letting a client pick a name no rule covers)",
                 entry.location, "modules"))
     aliases = [m.alias for m in policy.modules]
     uses_wrap_format = False

@@ -26,8 +26,8 @@ from p11guard.policy.model import (
 )
 from p11guard.policy.readers.common import ReadResult, check_policy, parse_hex_key
 from p11guard.policy.readers.names import (
-    ACTION_NAMES,
     FUNCTION_NAMES,
+    is_action_name,
     mechanism_value,
 )
 from p11guard.policy.readers.ocamllex import decode_source
@@ -139,7 +139,7 @@ def _function(name: str) -> str:
 
 
 def _action(name: str) -> str:
-    if name not in ACTION_NAMES:
+    if not is_action_name(name):
         raise KeyError(name)
     return name
 
@@ -208,7 +208,7 @@ def _convert(entries: dict[str, Entry], file: str, mode: Mode) -> Policy:
                 act = cv.string(act_v, option, "an action name")
                 if fn not in FUNCTION_NAMES:
                     raise cv.fail(f"unknown PKCS#11 function {fn!r}", fn_v, option)
-                if act not in ACTION_NAMES:
+                if not is_action_name(act):
                     raise cv.fail(f"unknown action {act!r}", act_v, option)
                 out.append(Action(fn, act))
             return tuple(out)

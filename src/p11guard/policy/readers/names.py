@@ -8,6 +8,7 @@ of common mechanisms keeps the readers usable without it.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 
 from p11guard.wire.procedures import CONTROL_PROCEDURES, PROCEDURES
@@ -37,6 +38,24 @@ PATCH_ACTIONS: frozenset[str] = frozenset(
 )
 DEMO_ACTIONS: frozenset[str] = frozenset({"identity", "c_Initialize_hook", "c_Login_hook"})
 ACTION_NAMES: frozenset[str] = PATCH_ACTIONS | DEMO_ACTIONS
+
+# A Python hook named by import path: ``package.module:function`` (p11guard extension).
+_CALLABLE_ACTION = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+# Entry-point group whose names may be used as actions (p11guard extension).
+ACTION_ENTRY_POINT_GROUP = "p11guard.filter_actions"
+
+
+def is_action_name(name: str) -> bool:
+    """A Caml Crush action, a ``module:function`` path or a registered entry point.
+
+    Whether it is *implemented* is the filter engine's start-up check
+    (``p11guard.policy.hooks.check_actions``); this only checks the spelling.
+    """
+    if name in ACTION_NAMES or _CALLABLE_ACTION.fullmatch(name):
+        return True
+    from importlib.metadata import entry_points
+
+    return any(ep.name == name for ep in entry_points(group=ACTION_ENTRY_POINT_GROUP))
 
 # Fallback for when p11guard.pkcs11.constants is not there: the mechanisms of
 # Caml Crush's padding-oracle list and the ones commonly found in configurations.

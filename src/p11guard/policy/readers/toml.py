@@ -40,7 +40,7 @@ from p11guard.policy.model import (
     Rule,
 )
 from p11guard.policy.readers.common import ReadResult, check_policy, parse_hex_key
-from p11guard.policy.readers.names import ACTION_NAMES, FUNCTION_NAMES, mechanism_value
+from p11guard.policy.readers.names import FUNCTION_NAMES, is_action_name, mechanism_value
 
 T = TypeVar("T")
 
@@ -150,7 +150,7 @@ def _actions(value: object, loc: Location, option: str) -> tuple[Action, ...]:
         act = _str(act, loc, option, "an action name")
         if fn not in FUNCTION_NAMES:
             raise _error(f"unknown PKCS#11 function {fn!r}", loc, option)
-        if act not in ACTION_NAMES:
+        if not is_action_name(act):
             raise _error(f"unknown action {act!r}", loc, option)
         out.append(Action(fn, act))
     return tuple(out)

@@ -1,0 +1,1 @@
+"""Policy units: one module per filter.conf option (see docs/filter.md)."""
