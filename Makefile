@@ -30,7 +30,7 @@ $(TEST_STAMP): pyproject.toml $(STAMP)
 	@touch $@
 
 client-lib:
-	@if [ -f native/client/Makefile ]; then $(MAKE) -s -C native/client; fi
+	$(MAKE) -s -C native/client all
 
 run: build
 	$(VENV)/bin/p11guard demo
@@ -42,7 +42,8 @@ typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy
 
 test: build system-test $(TEST_STAMP)
-	@if [ -f native/client/Makefile ]; then $(MAKE) -s -C native/client asan; fi
+	$(MAKE) -s -C native/client asan check-procs
+	$(MAKE) -s -C tests/native
 	$(MAKE) -s lint
 	$(MAKE) -s typecheck
 	tools/run-pytest.sh

@@ -223,6 +223,6 @@ def audit_events(server: Server) -> list[dict[str, object]]:
     """The JSON objects the server wrote to its audit log (p11guard.audit)."""
     out = []
     for line in server.log_text().splitlines():
-        if "p11guard.audit: " in line:
-            out.append(json.loads(line.split("p11guard.audit: ", 1)[1]))
+        if line.startswith("{"):  # the audit log: one bare JSON object per line
+            out.append(json.loads(line))
     return out

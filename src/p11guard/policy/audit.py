@@ -5,11 +5,10 @@ too (a rewrite, a filtered list, a call that passed its rules).  A record
 carries time, worker pid, peer, module alias, function, rule and CK_RV; never
 an argument value, so never a PIN or key material.
 
-Routing is the server's: ``p11guard serve`` sends the ``p11guard`` logger tree
-to stderr (or syslog), so a line reads ``<time> p11guard[pid] WARNING
-p11guard.audit: {...}``; the JSON object is everything after ``p11guard.audit: ``.
-:func:`configure` gives the logger a bare ``%(message)s`` handler instead, for
-tools that want pure JSON lines.  ``log_subchannel`` (Caml Crush's
+Routing is the server's: ``p11guard serve`` gives ``p11guard.audit`` its own
+handler on the server's log target (stderr, or syslog as ``p11guard-audit``),
+so each audit record is one bare JSON object per line.  :func:`configure` does
+the same for tools outside the server.  ``log_subchannel`` (Caml Crush's
 Netplex subchannel) becomes a child logger ``p11guard.audit.<name>`` and a
 ``channel`` field.
 """

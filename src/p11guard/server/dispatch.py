@@ -39,6 +39,7 @@ CKR_DATA_LEN_RANGE = 0x21
 CKR_HOST_MEMORY = 0x2
 CKR_CANT_LOCK = 0xA
 CKF_OS_LOCKING_OK = 0x2
+CKF_PROTECTED_AUTH_PATH = 0x100  # token flag
 CKF_LIBRARY_CANT_CREATE_OS_THREADS = 0x1
 CK_UNAVAILABLE_INFORMATION = (1 << 64) - 1
 RV_PROTOCOL_ERROR = CK_UNAVAILABLE_INFORMATION  # Caml Crush's "-1"
@@ -86,8 +87,10 @@ class _Refuse(Exception):
 
 
 def _pin(value: bytes) -> bytes | None:
-    # An empty PIN means "protected authentication path": a NULL pointer.
-    return value or None
+    # Protocol v3 carries a NULL PIN and an empty PIN alike.  An empty PIN is
+    # passed as a zero-length (non-NULL) buffer; `_protected_path_pins` turns it
+    # into NULL for tokens with a protected authentication path.
+    return value
 
 
 class Dispatcher:
@@ -180,10 +183,13 @@ class Dispatcher:
         converters = [self._converter(c) for c in spec.args]
         shape = spec.shape
         result_len = len(proc.result)
+        pin_positions = tuple(i for i, c in enumerate(spec.args) if c == "pin")
 
         def handler(args: tuple[Any, ...]) -> tuple[Any, ...]:
             module = self._require_module()
             call_args = [conv(a) for conv, a in zip(converters, args, strict=True)]
+            if pin_positions:
+                self._protected_path_pins(module, call_args, pin_positions, session=args[0])
             method = getattr(module, method_name)
             if shape == "rv":
                 return (method(*call_args),)
@@ -362,7 +368,28 @@ class Dispatcher:
         module = self._require_module()
         slot, so_pin, label = args
         label = bytes(label[:32]).ljust(32, b" ")
-        return (module.init_token(slot, _pin(so_pin), label),)
+        if not so_pin and self._has_protected_path(module, slot):
+            return (module.init_token(slot, None, label),)
+        return (module.init_token(slot, so_pin, label),)
+
+    # -- PINs -------------------------------------------------------------------
+
+    def _protected_path_pins(self, module: Any, call_args: list[Any],
+                             positions: tuple[int, ...], *, session: int) -> None:
+        """An empty PIN on a token with a protected authentication path is NULL."""
+        if all(call_args[i] for i in positions):
+            return
+        rv, info = module.get_session_info(session)
+        if rv != CKR_OK or info is None or not self._has_protected_path(module, info.slot_id):
+            return
+        for i in positions:
+            if not call_args[i]:
+                call_args[i] = None
+
+    @staticmethod
+    def _has_protected_path(module: Any, slot: int) -> bool:
+        rv, token = module.get_token_info(slot)
+        return rv == CKR_OK and token is not None and bool(token.flags & CKF_PROTECTED_AUTH_PATH)
 
     # -- output buffers ---------------------------------------------------------
 

@@ -48,6 +48,18 @@ def setup_logging(target: str, verbose: bool) -> None:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    # The audit log is one bare JSON object per line, for machines to read.
+    audit = logging.getLogger("p11guard.audit")
+    audit.handlers.clear()
+    if isinstance(handler, logging.handlers.SysLogHandler):
+        audit_handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+        audit_handler.setFormatter(logging.Formatter("p11guard-audit[%(process)d]: %(message)s"))
+    else:
+        audit_handler = logging.StreamHandler(sys.stderr)
+        audit_handler.setFormatter(logging.Formatter("%(message)s"))
+    audit.addHandler(audit_handler)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False
 
 
 def limits_of(config: ServerConfig) -> Limits:

@@ -1,0 +1,175 @@
+/* p11g.h: internal interfaces of libp11guard.so (nothing here is exported). */
+#ifndef P11G_H
+#define P11G_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "pkcs11_3.h"
+
+#define P11G_HIDDEN __attribute__((visibility("hidden")))
+#define P11G_EXPORT __attribute__((visibility("default")))
+
+/* ---- limits ------------------------------------------------------------ */
+#define P11G_DEFAULT_TIMEOUT 25            /* seconds, like Caml Crush */
+#define P11G_DEFAULT_MAX_RECORD ((size_t)16 * 1024 * 1024 + 64 * 1024)
+#define P11G_MIN_MAX_RECORD ((size_t)64 * 1024)
+#define P11G_FRAGMENT_MAX ((size_t)65532) /* what libtirpc sends; every server takes it */
+#define P11G_MAX_MECH_PARAM ((size_t)64 * 1024)
+#define P11G_MAX_NAME 1024
+#define P11G_MAX_ADDR 1024
+#define P11G_MAX_FIELDS 24
+
+/* ---- configuration (config.c) ---------------------------------------- */
+enum p11g_transport { P11G_TCP, P11G_UNIX, P11G_TLS };
+
+struct p11g_config {
+    enum p11g_transport transport;
+    char host[P11G_MAX_ADDR]; /* TCP/TLS host, or the Unix socket path */
+    char port[16];
+    char libname[P11G_MAX_NAME];
+    int timeout_s;
+    size_t max_record;
+    int serial; /* 1: one call in flight per connection (PKCS11PROXY_SERIAL=1) */
+    char ca_file[P11G_MAX_ADDR], cert_file[P11G_MAX_ADDR], key_file[P11G_MAX_ADDR];
+};
+
+/* Fills *cfg from the environment.  On error writes one line to err and
+ * returns the CK_RV C_Initialize must return. */
+P11G_HIDDEN CK_RV p11g_config_load(struct p11g_config *cfg, char *err, size_t errlen);
+
+/* ---- XDR buffers (xdr.c) ---------------------------------------------- */
+struct p11g_enc {
+    uint8_t *p;
+    size_t len, cap, max;
+    int err; /* P11G_E_* once something failed; later writes are ignored */
+};
+struct p11g_dec {
+    const uint8_t *p;
+    size_t pos, end;
+};
+
+P11G_HIDDEN void p11g_enc_init(struct p11g_enc *e, size_t max);
+P11G_HIDDEN void p11g_enc_free(struct p11g_enc *e);
+P11G_HIDDEN void p11g_enc_u32(struct p11g_enc *e, uint32_t v);
+P11G_HIDDEN void p11g_enc_u64(struct p11g_enc *e, uint64_t v);
+/* p == NULL: n zero bytes (used for output buffers: never send caller memory) */
+P11G_HIDDEN void p11g_enc_opaque(struct p11g_enc *e, const void *p, size_t n);
+
+P11G_HIDDEN void p11g_dec_init(struct p11g_dec *d, const uint8_t *p, size_t n);
+P11G_HIDDEN int p11g_dec_u32(struct p11g_dec *d, uint32_t *v);
+P11G_HIDDEN int p11g_dec_u64(struct p11g_dec *d, uint64_t *v);
+P11G_HIDDEN int p11g_dec_opaque(struct p11g_dec *d, const uint8_t **p, uint32_t *n, uint32_t max);
+
+/* Internal error codes (never returned to the application as such). */
+#define P11G_OK 0
+#define P11G_E_NET 1       /* connection broken / closed: connection is now dead */
+#define P11G_E_TIMEOUT 2   /* no reply in time: connection is now dead */
+#define P11G_E_PROTO 3     /* malformed reply or RPC-level refusal (this call only) */
+#define P11G_E_NOMEM 4
+#define P11G_E_TOOBIG 5    /* the call does not fit the record limit */
+#define P11G_E_PROC 6      /* PROC_UNAVAIL from the server */
+#define P11G_E_DEAD 7      /* connection was already dead */
+
+/* ---- connection (transport.c) ----------------------------------------- */
+struct p11g_conn;
+
+P11G_HIDDEN int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out,
+                               char *err, size_t errlen);
+/* One round trip.  msg starts with 4 bytes reserved for the record mark,
+ * then the XID word (filled in here).  On P11G_OK *reply (malloc'ed) holds the
+ * whole reply record. */
+P11G_HIDDEN int p11g_conn_call(struct p11g_conn *c, uint8_t *msg, size_t len, uint8_t **reply,
+                               size_t *reply_len);
+P11G_HIDDEN int p11g_conn_dead(struct p11g_conn *c);
+P11G_HIDDEN void p11g_conn_kill(struct p11g_conn *c);
+P11G_HIDDEN void p11g_conn_ref(struct p11g_conn *c);
+/* Drops a reference; the last one closes the socket and frees. */
+P11G_HIDDEN void p11g_conn_unref(struct p11g_conn *c);
+/* In a forked child: drop our copy of the socket without touching locks. */
+P11G_HIDDEN void p11g_conn_abandon(struct p11g_conn *c);
+
+/* ---- table-driven codec (codec.c) ------------------------------------- */
+enum { P11G_T_IN = 0, P11G_T_OUT = 1 };
+
+struct p11g_arg {
+    uint64_t h;                 /* H */
+    const void *ptr;            /* O: NULL with len > 0 sends len zero bytes */
+    size_t len;
+    const CK_MECHANISM *mech;   /* M */
+    const CK_ATTRIBUTE *tmpl;   /* T */
+    CK_ULONG count;
+    int tmpl_mode;              /* P11G_T_IN or P11G_T_OUT (GetAttributeValue) */
+};
+
+struct p11g_field {
+    uint64_t h;
+    const uint8_t *ptr;
+    uint32_t len;
+    uint8_t major, minor;
+};
+
+struct p11g_res {
+    uint64_t h;             /* H */
+    const uint8_t *ptr;     /* O: bytes; L: count big-endian hypers; T: count raw entries */
+    uint32_t len;           /* O: byte count; L and T: element count */
+    struct p11g_field f[P11G_MAX_FIELDS]; /* structs */
+};
+
+struct p11g_reply {
+    uint8_t *buf;
+    size_t len;
+};
+
+/* Encodes a call to `proc` from args, runs it on c and decodes the reply into
+ * res[] (views into rep->buf; free with p11g_reply_free).  Returns P11G_*. */
+P11G_HIDDEN int p11g_rpc(struct p11g_conn *c, unsigned proc, const struct p11g_arg *args,
+                         struct p11g_res *res, struct p11g_reply *rep, size_t max_record);
+P11G_HIDDEN void p11g_reply_free(struct p11g_reply *rep);
+P11G_HIDDEN const char *p11g_proc_name(unsigned proc);
+/* Iterates a validated template result. */
+P11G_HIDDEN void p11g_tmpl_next(struct p11g_dec *d, uint64_t *type, const uint8_t **p,
+                                uint32_t *n, uint64_t *value_len);
+P11G_HIDDEN uint64_t p11g_list_get(const uint8_t *p, uint32_t i);
+
+/* ---- module state (module.c) ------------------------------------------ */
+/* Takes a reference on the live connection or returns the CK_RV to give. */
+P11G_HIDDEN CK_RV p11g_acquire(struct p11g_conn **c, size_t *max_record);
+P11G_HIDDEN void p11g_release(struct p11g_conn *c);
+P11G_HIDDEN unsigned long p11g_generation(void);
+/* acquire + rpc + release + error mapping.  On CKR_OK, res[0].h is the
+ * module's rv (see p11g_rv). */
+P11G_HIDDEN CK_RV p11g_call(unsigned proc, const struct p11g_arg *args, struct p11g_res *res,
+                            struct p11g_reply *rep);
+P11G_HIDDEN CK_RV p11g_rv(uint64_t wire_rv);
+P11G_HIDDEN void p11g_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- output cache (cache.c) ------------------------------------------- */
+#define P11G_FAM_DIGEST 0x01u
+#define P11G_FAM_SIGN 0x02u
+#define P11G_FAM_VERIFY 0x04u
+#define P11G_FAM_ENCRYPT 0x08u
+#define P11G_FAM_DECRYPT 0x10u
+#define P11G_FAM_SIGN_RECOVER 0x20u
+#define P11G_FAM_VERIFY_RECOVER 0x40u
+#define P11G_FAM_OTHER 0x80u
+
+P11G_HIDDEN uint64_t p11g_hash(uint64_t h, const void *p, size_t n);
+/* 1 and fills *rv when (session, proc, key) is cached. */
+P11G_HIDDEN int p11g_cache_take(CK_SESSION_HANDLE s, unsigned proc, uint64_t key, CK_BYTE_PTR out,
+                                CK_ULONG_PTR out_len, CK_RV *rv);
+P11G_HIDDEN CK_RV p11g_cache_put(CK_SESSION_HANDLE s, unsigned proc, unsigned families,
+                                 uint64_t key, const uint8_t *data, size_t len);
+P11G_HIDDEN int p11g_cache_busy(CK_SESSION_HANDLE s, unsigned families);
+P11G_HIDDEN void p11g_cache_drop_session(CK_SESSION_HANDLE s);
+P11G_HIDDEN void p11g_cache_clear(void);
+P11G_HIDDEN void p11g_cache_atfork_prepare(void);
+P11G_HIDDEN void p11g_cache_atfork_parent(void);
+P11G_HIDDEN void p11g_cache_atfork_child(void);
+
+/* ---- function lists (functions.c) ------------------------------------- */
+P11G_HIDDEN extern CK_FUNCTION_LIST p11g_function_list;
+P11G_HIDDEN extern CK_FUNCTION_LIST_3_0 p11g_function_list_3_0;
+
+#endif /* P11G_H */

@@ -1,0 +1,500 @@
+/* transport.c: one stream connection to the proxy, shared by all threads.
+ *
+ * Calls are pipelined: a thread registers its XID, sends its whole record under
+ * the write lock, then waits.  Whichever waiting thread finds no reader active
+ * becomes the reader (leader/follower): it reads one complete record, hands it
+ * to the thread whose XID it carries and wakes everybody.  So no lock is held
+ * for a whole round trip, and replies may arrive in any order.  A server that
+ * answers one call at a time (Caml Crush) simply queues the records.
+ *
+ * Any I/O error, timeout or record that breaks the stream marks the connection
+ * dead: the socket is shut down (which wakes a blocked reader), every waiting
+ * call fails, and the module reports CKR_DEVICE_ERROR until C_Initialize
+ * reconnects. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "p11g.h"
+
+#define RBUF_SIZE 65536
+
+struct pending {
+    uint32_t xid;
+    int done;
+    uint8_t *reply;
+    size_t len;
+    struct pending *next;
+};
+
+struct p11g_conn {
+    atomic_uint refs;
+    int fd;
+    int timeout_s;
+    size_t max_record;
+    int serial;
+    pthread_mutex_t serial_lock; /* held for a whole call in serial mode only */
+    pthread_mutex_t wlock;       /* one record written at a time */
+    pthread_mutex_t lock;        /* everything below */
+    pthread_cond_t cond;
+    int dead;
+    int reader_active;
+    struct pending *pending;
+    uint32_t next_xid;
+    /* Read buffer, used only by the current reader. */
+    size_t rpos, rlen;
+    uint8_t rbuf[RBUF_SIZE];
+};
+
+static void deadline_after(struct timespec *ts, int seconds)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += seconds;
+}
+
+static int ms_left(const struct timespec *deadline)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long long ms = (long long)(deadline->tv_sec - now.tv_sec) * 1000 +
+                   (deadline->tv_nsec - now.tv_nsec) / 1000000;
+    if (ms < 0)
+        return 0;
+    return ms > 0x7fffffff ? 0x7fffffff : (int)ms;
+}
+
+/* Waits until fd is ready for `events` or the deadline passes. */
+static int wait_fd(int fd, short events, const struct timespec *deadline)
+{
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = events, .revents = 0};
+        int left = ms_left(deadline);
+        int r = poll(&p, 1, left);
+        if (r > 0)
+            return P11G_OK; /* readable, writable, or an error the next call reports */
+        if (r == 0)
+            return P11G_E_TIMEOUT;
+        if (errno != EINTR)
+            return P11G_E_NET;
+    }
+}
+
+static int send_all(struct p11g_conn *c, const uint8_t *p, size_t n, int more,
+                    const struct timespec *deadline)
+{
+    while (n > 0) {
+        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT | (more ? MSG_MORE : 0));
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            int r = wait_fd(c->fd, POLLOUT, deadline);
+            if (r != P11G_OK)
+                return r;
+            continue;
+        }
+        return P11G_E_NET;
+    }
+    return P11G_OK;
+}
+
+/* msg[0..4) is reserved for the record mark of a single-fragment record. */
+static int send_record(struct p11g_conn *c, uint8_t *msg, size_t len,
+                       const struct timespec *deadline)
+{
+    size_t body = len - 4;
+    if (body <= P11G_FRAGMENT_MAX) {
+        uint32_t mark = 0x80000000u | (uint32_t)body;
+        msg[0] = (uint8_t)(mark >> 24);
+        msg[1] = (uint8_t)(mark >> 16);
+        msg[2] = (uint8_t)(mark >> 8);
+        msg[3] = (uint8_t)mark;
+        return send_all(c, msg, len, 0, deadline);
+    }
+    const uint8_t *p = msg + 4;
+    while (body > 0) {
+        size_t n = body > P11G_FRAGMENT_MAX ? P11G_FRAGMENT_MAX : body;
+        uint32_t mark = (uint32_t)n | (n == body ? 0x80000000u : 0);
+        uint8_t hdr[4] = {(uint8_t)(mark >> 24), (uint8_t)(mark >> 16), (uint8_t)(mark >> 8),
+                          (uint8_t)mark};
+        int r = send_all(c, hdr, 4, 1, deadline);
+        if (r == P11G_OK)
+            r = send_all(c, p, n, n != body, deadline);
+        if (r != P11G_OK)
+            return r;
+        p += n;
+        body -= n;
+    }
+    return P11G_OK;
+}
+
+static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct timespec *deadline)
+{
+    while (n > 0) {
+        if (c->rpos < c->rlen) {
+            size_t k = c->rlen - c->rpos;
+            if (k > n)
+                k = n;
+            memcpy(dst, c->rbuf + c->rpos, k);
+            c->rpos += k;
+            dst += k;
+            n -= k;
+            continue;
+        }
+        /* Large reads go straight to the destination; small ones are buffered
+         * so that a record mark and a short reply cost one system call. */
+        uint8_t *into = n >= RBUF_SIZE ? dst : c->rbuf;
+        size_t cap = n >= RBUF_SIZE ? n : RBUF_SIZE;
+        ssize_t r = recv(c->fd, into, cap, MSG_DONTWAIT);
+        if (r > 0) {
+            if (into == dst) {
+                dst += r;
+                n -= (size_t)r;
+            } else {
+                c->rpos = 0;
+                c->rlen = (size_t)r;
+            }
+            continue;
+        }
+        if (r == 0)
+            return P11G_E_NET; /* peer closed */
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            int w = wait_fd(c->fd, POLLIN, deadline);
+            if (w != P11G_OK)
+                return w;
+            continue;
+        }
+        return P11G_E_NET;
+    }
+    return P11G_OK;
+}
+
+/* Reads one complete record (all fragments), at most c->max_record bytes. */
+static int read_record(struct p11g_conn *c, const struct timespec *deadline, uint8_t **out,
+                       size_t *out_len)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0, cap = 0;
+    for (;;) {
+        uint8_t hdr[4];
+        int r = read_exact(c, hdr, 4, deadline);
+        if (r != P11G_OK) {
+            free(buf);
+            return r;
+        }
+        uint32_t mark = ((uint32_t)hdr[0] << 24) | ((uint32_t)hdr[1] << 16) |
+                        ((uint32_t)hdr[2] << 8) | hdr[3];
+        size_t flen = mark & 0x7fffffffu;
+        if (flen > c->max_record || len > c->max_record - flen) {
+            free(buf);
+            return P11G_E_PROTO;
+        }
+        if (len + flen > cap) {
+            size_t ncap = cap ? cap : 256;
+            while (ncap < len + flen)
+                ncap = ncap > c->max_record / 2 ? c->max_record : ncap * 2;
+            uint8_t *nb = realloc(buf, ncap);
+            if (nb == NULL) {
+                free(buf);
+                return P11G_E_NOMEM;
+            }
+            buf = nb;
+            cap = ncap;
+        }
+        r = read_exact(c, buf + len, flen, deadline);
+        if (r != P11G_OK) {
+            free(buf);
+            return r;
+        }
+        len += flen;
+        if (mark & 0x80000000u)
+            break;
+    }
+    *out = buf;
+    *out_len = len;
+    return P11G_OK;
+}
+
+static void kill_locked(struct p11g_conn *c)
+{
+    if (!c->dead) {
+        c->dead = 1;
+        /* Wakes a reader blocked in poll(); the fd itself stays open until
+         * the last reference is dropped, so it cannot be reused under us. */
+        shutdown(c->fd, SHUT_RDWR);
+    }
+    pthread_cond_broadcast(&c->cond);
+}
+
+int p11g_conn_call(struct p11g_conn *c, uint8_t *msg, size_t len, uint8_t **reply,
+                   size_t *reply_len)
+{
+    struct pending me = {0};
+    struct timespec deadline;
+    int err = P11G_OK;
+
+    if (len < 8)
+        return P11G_E_PROTO;
+    deadline_after(&deadline, c->timeout_s);
+    if (c->serial)
+        pthread_mutex_lock(&c->serial_lock);
+
+    pthread_mutex_lock(&c->lock);
+    if (c->dead) {
+        pthread_mutex_unlock(&c->lock);
+        if (c->serial)
+            pthread_mutex_unlock(&c->serial_lock);
+        return P11G_E_DEAD;
+    }
+    me.xid = c->next_xid++;
+    me.next = c->pending;
+    c->pending = &me; /* registered before sending: the reply may come at once */
+    pthread_mutex_unlock(&c->lock);
+
+    msg[4] = (uint8_t)(me.xid >> 24);
+    msg[5] = (uint8_t)(me.xid >> 16);
+    msg[6] = (uint8_t)(me.xid >> 8);
+    msg[7] = (uint8_t)me.xid;
+    pthread_mutex_lock(&c->wlock);
+    int w = send_record(c, msg, len, &deadline);
+    pthread_mutex_unlock(&c->wlock);
+
+    pthread_mutex_lock(&c->lock);
+    if (w != P11G_OK) {
+        err = w;
+        kill_locked(c);
+    }
+    while (!me.done && !c->dead) {
+        if (!c->reader_active) {
+            c->reader_active = 1;
+            pthread_mutex_unlock(&c->lock);
+            uint8_t *buf = NULL;
+            size_t blen = 0;
+            int r = read_record(c, &deadline, &buf, &blen);
+            pthread_mutex_lock(&c->lock);
+            c->reader_active = 0;
+            if (r == P11G_OK && blen < 4)
+                r = P11G_E_PROTO;
+            if (r != P11G_OK) {
+                free(buf);
+                err = r;
+                kill_locked(c);
+                break;
+            }
+            uint32_t xid = ((uint32_t)buf[0] << 24) | ((uint32_t)buf[1] << 16) |
+                           ((uint32_t)buf[2] << 8) | buf[3];
+            struct pending *q = c->pending;
+            while (q != NULL && (q->xid != xid || q->done))
+                q = q->next;
+            if (q == NULL) { /* nobody asked for it: the peer is confused */
+                free(buf);
+                err = P11G_E_PROTO;
+                kill_locked(c);
+                break;
+            }
+            q->reply = buf;
+            q->len = blen;
+            q->done = 1;
+            pthread_cond_broadcast(&c->cond);
+        } else {
+            int rc = pthread_cond_timedwait(&c->cond, &c->lock, &deadline);
+            if (rc == ETIMEDOUT && !me.done) {
+                err = P11G_E_TIMEOUT;
+                kill_locked(c);
+                break;
+            }
+        }
+    }
+    /* unlink */
+    for (struct pending **pp = &c->pending; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == &me) {
+            *pp = me.next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (c->serial)
+        pthread_mutex_unlock(&c->serial_lock);
+
+    if (me.done) {
+        *reply = me.reply;
+        *reply_len = me.len;
+        return P11G_OK;
+    }
+    free(me.reply);
+    return err != P11G_OK ? err : P11G_E_NET;
+}
+
+int p11g_conn_dead(struct p11g_conn *c)
+{
+    pthread_mutex_lock(&c->lock);
+    int d = c->dead;
+    pthread_mutex_unlock(&c->lock);
+    return d;
+}
+
+void p11g_conn_kill(struct p11g_conn *c)
+{
+    pthread_mutex_lock(&c->lock);
+    kill_locked(c);
+    pthread_mutex_unlock(&c->lock);
+}
+
+void p11g_conn_ref(struct p11g_conn *c) { atomic_fetch_add(&c->refs, 1); }
+
+void p11g_conn_unref(struct p11g_conn *c)
+{
+    if (c == NULL || atomic_fetch_sub(&c->refs, 1) != 1)
+        return;
+    if (c->fd >= 0)
+        close(c->fd);
+    pthread_mutex_destroy(&c->serial_lock);
+    pthread_mutex_destroy(&c->wlock);
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->cond);
+    free(c);
+}
+
+void p11g_conn_abandon(struct p11g_conn *c)
+{
+    /* Forked child: the parent keeps using this connection.  Close only our
+     * descriptor (no shutdown(), which would cut the parent's stream too) and
+     * leak the struct, whose locks may be held by threads that do not exist here. */
+    if (c != NULL && c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+}
+
+static int connect_wait(int fd, const struct sockaddr *sa, socklen_t salen,
+                        const struct timespec *deadline)
+{
+    if (connect(fd, sa, salen) == 0)
+        return 0;
+    if (errno != EINPROGRESS && errno != EAGAIN && errno != EINTR)
+        return errno;
+    if (wait_fd(fd, POLLOUT, deadline) != P11G_OK)
+        return ETIMEDOUT;
+    int soerr = 0;
+    socklen_t l = sizeof soerr;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &l) != 0)
+        return errno;
+    return soerr;
+}
+
+static int open_socket(const struct p11g_config *cfg, const struct timespec *deadline, char *err,
+                       size_t errlen)
+{
+    if (cfg->transport == P11G_UNIX) {
+        struct sockaddr_un sun;
+        memset(&sun, 0, sizeof sun);
+        sun.sun_family = AF_UNIX;
+        size_t n = strlen(cfg->host);
+        if (n >= sizeof sun.sun_path) {
+            snprintf(err, errlen, "Unix socket path too long");
+            return -1;
+        }
+        memcpy(sun.sun_path, cfg->host, n);
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0) {
+            snprintf(err, errlen, "socket: %s", strerror(errno));
+            return -1;
+        }
+        int e = connect_wait(fd, (struct sockaddr *)&sun, sizeof sun, deadline);
+        if (e != 0) {
+            snprintf(err, errlen, "cannot connect to %s: %s", cfg->host, strerror(e));
+            close(fd);
+            return -1;
+        }
+        return fd;
+    }
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    int g = getaddrinfo(cfg->host, cfg->port, &hints, &res);
+    if (g != 0) {
+        snprintf(err, errlen, "cannot resolve %s: %s", cfg->host, gai_strerror(g));
+        return -1;
+    }
+    int fd = -1, e = 0;
+    for (struct addrinfo *ai = res; ai != NULL; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
+                    ai->ai_protocol);
+        if (fd < 0) {
+            e = errno;
+            continue;
+        }
+        e = connect_wait(fd, ai->ai_addr, ai->ai_addrlen, deadline);
+        if (e == 0)
+            break;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot connect to %s:%s: %s", cfg->host, cfg->port,
+                 strerror(e ? e : ECONNREFUSED));
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    return fd;
+}
+
+int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *err,
+                   size_t errlen)
+{
+    struct timespec deadline;
+    *out = NULL;
+    if (cfg->transport == P11G_TLS) {
+        snprintf(err, errlen, "TLS transport is not available in this build yet");
+        return P11G_E_NET;
+    }
+    deadline_after(&deadline, cfg->timeout_s);
+    int fd = open_socket(cfg, &deadline, err, errlen);
+    if (fd < 0)
+        return P11G_E_NET;
+    struct p11g_conn *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        close(fd);
+        snprintf(err, errlen, "out of memory");
+        return P11G_E_NOMEM;
+    }
+    atomic_init(&c->refs, 1);
+    c->fd = fd;
+    c->timeout_s = cfg->timeout_s;
+    c->max_record = cfg->max_record;
+    c->serial = cfg->serial;
+    pthread_mutex_init(&c->serial_lock, NULL);
+    pthread_mutex_init(&c->wlock, NULL);
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    c->next_xid = (uint32_t)now.tv_nsec ^ ((uint32_t)getpid() << 16) ^ (uint32_t)now.tv_sec;
+    *out = c;
+    return P11G_OK;
+}
