@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ log = logging.getLogger("p11guard.worker")
 
 CKR_GENERAL_ERROR = 0x5
 RECV_SIZE = 256 * 1024
+SWITCH_INTERVAL = 0.0002
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,11 @@ class Connection:
 
     def run(self) -> None:
         """Serve until the client disconnects (or sends something unrecoverable)."""
+        if self.settings.max_threads > 1:
+            # A thread returning from a socket call or a PKCS#11 call waits for the
+            # GIL up to the switch interval (5 ms by default) while another thread
+            # runs Python code; calls are ~20 us of Python, so hand over sooner.
+            sys.setswitchinterval(SWITCH_INTERVAL)
         try:
             self._loop()
         finally:
