@@ -249,13 +249,12 @@ def test_python_hook(token: Token, tmp_path: Path) -> None:
         assert rv == c.CKR_OK and len(data) == 16
 
 
-def test_unimplemented_patch_refuses_to_start(token: Token, tmp_path: Path) -> None:
-    text = filter_text('wrapping_format_key = "00112233445566778899aabbccddeeff"\n'
-                       'filter_actions_post = [("softhsm", '
-                       '[(C_WrapKey, wrapping_format_patch)])]\n')
+def test_unresolvable_action_refuses_to_start(token: Token, tmp_path: Path) -> None:
+    text = filter_text('filter_actions_post = [("softhsm", '
+                       '[(C_WrapKey, "no_such_module_xyz:hook")])]\n')
     with pytest.raises(RuntimeError) as err:
         start("p11guard", token, tmp_path / "p11guard", text).stop()
-    assert "wrapping_format_patch" in str(err.value) and "not implemented" in str(err.value)
+    assert "no_such_module_xyz" in str(err.value) and "cannot import" in str(err.value)
 
 
 # -- debug / log_subchannel: the audit log -------------------------------------------------------

@@ -43,15 +43,18 @@ def test_policy_toml(tmp_path: Path) -> None:
 def test_errors_are_located(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "filter.conf"
     path.write_text(FILTER + 'filter_actions_post = [("softhsm", '
-                    '[(C_GetAttributeValue, prevent_sensitive_leak_patch)])]\n')
+                    '[(C_GetAttributeValue, "no_such_module_xyz:hook")])]\n')
     with pytest.raises(ConfigError) as err:
         describe_config(path)
     assert str(err.value).startswith(f"{path}:7: filter_actions_post:")
     assert main(["check-config", str(path)]) == 2
-    assert "not implemented" in capsys.readouterr().err
+    assert "cannot import" in capsys.readouterr().err
 
 
-def test_preset_not_implemented_warns(tmp_path: Path) -> None:
+def test_preset_is_implemented(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     path.write_text('[modules]\nsofthsm = "/l.so"\n')
-    assert "warning:" in describe_config(path) and "patchset1" in describe_config(path)
+    text = describe_config(path)
+    assert "not implemented" not in text and "patchset1" in text
+    # The secure default made this installation's wrapping key, 0600, next to the policy.
+    assert (tmp_path / "wrapping_format.key").stat().st_mode & 0o777 == 0o600

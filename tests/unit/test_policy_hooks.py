@@ -93,8 +93,7 @@ def test_demo_actions() -> None:
 
 
 def test_resolution_errors() -> None:
-    with pytest.raises(ActionNotAvailable, match="not implemented"):
-        resolve_action("wrapping_format_patch")
+    assert resolve_action("wrapping_format_patch").__name__ == "WrappingFormat"
     with pytest.raises(ActionNotAvailable, match="cannot import"):
         resolve_action("no_such_module_xyz:f")
     with pytest.raises(ActionNotAvailable, match="no attribute"):
@@ -103,17 +102,17 @@ def test_resolution_errors() -> None:
         resolve_action("no_such_action")
 
 
-def test_unimplemented_patch_is_a_located_startup_error() -> None:
+def test_unresolvable_action_is_a_located_startup_error() -> None:
     policy = policy_of('wrapping_format_key = "00112233445566778899aabbccddeeff"\n'
                        'filter_actions_post = [("softhsm", '
-                       '[(C_WrapKey, wrapping_format_patch)])]\n')
+                       '[(C_WrapKey, "no_such_module_xyz:hook")])]\n')
     errors, _ = check_startup(policy)
     assert len(errors) == 1
     assert str(errors[0]).startswith("test.conf:3: filter_actions_post: C_WrapKey:")
     # And a worker given such a policy anyway fails closed.
     wrapped, _backend = engine('wrapping_format_key = "00112233445566778899aabbccddeeff"\n'
                               'filter_actions_post = [("softhsm", [(C_WrapKey, '
-                              'wrapping_format_patch)])]\n')
+                              '"no_such_module_xyz:hook")])]\n')
     assert isinstance(wrapped, DeniedModule)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from p11guard.pkcs11 import constants as c
+from p11guard.policy import presets
 from p11guard.policy.audit import Auditor
 from p11guard.policy.hooks import (
     ActionNotAvailable,
@@ -79,9 +80,9 @@ BUILTIN_UNITS: Final[tuple[type[Unit], ...]] = (
 )
 
 # Built-in rule sets a policy's ``preset`` adds: preset -> [(C function, action)]
-# as post actions.  Filled in by the CryptokiX patches; an empty or missing
-# entry means the preset is not implemented yet (a start-up warning).
-PRESET_ACTIONS: dict[str, tuple[tuple[str, str], ...]] = {}
+# as post actions (the CryptokiX patchsets, ``policy/presets.py``).  An empty
+# or missing entry means the preset is not implemented (a start-up warning).
+PRESET_ACTIONS: dict[str, tuple[tuple[str, str], ...]] = dict(presets.PRESETS)
 
 _TUPLE_LEN: Final[dict[str, int]] = {
     STRUCT: 2, LIST: 3, HANDLE: 2, PAIR: 3, OUT: 3, ATTRS: 2, HANDLES: 2, RANDOM: 2,
@@ -261,10 +262,12 @@ def resolve_effective(policy: Policy, alias: str) -> EffectivePolicy:
 def build_units(state: EngineState) -> list[Unit]:
     """The units of a module: built-in options that are on, the configured
     actions, then the engine's own visibility and bookkeeping units."""
+    # Wrapping formats and key of the CryptokiX wrapping_format_patch.
+    presets.configure(state)
     units: list[Unit] = [cls(state) for cls in BUILTIN_UNITS if cls.active(state.policy)]
     units.extend(action_units(state))
     # The preset's patches come after the configured post actions.
-    for function, action in PRESET_ACTIONS.get(state.policy.preset or "", ()):
+    for function, action in presets.preset_actions(state.policy, PRESET_ACTIONS):
         if function in BY_FUNCTION:
             units.append(ActionUnit(state, action, function, resolve_action(action), post=True))
     hiders = [u for u in units if u.hides_objects]
@@ -299,12 +302,22 @@ def wrap_module(module: Any, policy: Policy, alias: str, context: EngineContext)
 def check_startup(policy: Policy) -> tuple[list[ConfigError], list[str]]:
     """(errors, warnings) the server must act on before it accepts a client.
 
-    Errors: actions that resolve to nothing (an unimplemented patch included).
+    Errors: actions that resolve to nothing (an unimplemented patch included),
+    a wrapping-format key that cannot be read or created.
     Warnings: a preset not implemented yet, compat mode's known weaknesses.
+
+    Side effect: loads the per-installation wrapping key (creating it, 0600, on
+    first start) when the policy needs one (``presets.prepare``); the
+    listener calls this before dropping privileges and workers inherit it.
     """
     errors = check_actions(policy)
     warnings: list[str] = []
     source = policy.source or "policy"
+    key_errors, notices = presets.prepare(policy)
+    errors.extend(ConfigError(e, file=policy.source or None, option="wrapping_format_key")
+                  for e in key_errors)
+    for notice in notices:
+        log.info("%s: %s", source, notice)
     if policy.preset is not None and not PRESET_ACTIONS.get(policy.preset):
         warnings.append(f"{source}: preset: {policy.preset!r} is not implemented in this "
                         "version: no CryptokiX patch is applied")

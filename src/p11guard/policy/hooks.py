@@ -193,6 +193,10 @@ class ActionUnit(Unit):
             return False
         return self.inner.applies(spec) if self.inner is not None else True
 
+    def wants_after(self, spec: FunctionSpec) -> bool:
+        # A patch may filter the answer of only some of its functions.
+        return self.inner.wants_after(spec) if self.inner is not None else False
+
     def check(self, call: Call) -> Verdict:
         if self.inner is not None:
             return normalise(self.inner.check(call))
