@@ -86,7 +86,7 @@ def describe_config(path: str | Path) -> str:
     """The effective policy of the configuration at ``path``, per module alias."""
     path = Path(path)
     policy, warnings, what = _load(path)
-    errors, engine_warnings = check_startup(policy)
+    errors, engine_warnings = check_startup(policy, create_key=False)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         first = errors[0]

@@ -299,7 +299,8 @@ def wrap_module(module: Any, policy: Policy, alias: str, context: EngineContext)
     return PolicyModule(module, state, units)
 
 
-def check_startup(policy: Policy) -> tuple[list[ConfigError], list[str]]:
+def check_startup(policy: Policy, *, create_key: bool = True
+                  ) -> tuple[list[ConfigError], list[str]]:
     """(errors, warnings) the server must act on before it accepts a client.
 
     Errors: actions that resolve to nothing (an unimplemented patch included),
@@ -309,11 +310,12 @@ def check_startup(policy: Policy) -> tuple[list[ConfigError], list[str]]:
     Side effect: loads the per-installation wrapping key (creating it, 0600, on
     first start) when the policy needs one (``presets.prepare``); the
     listener calls this before dropping privileges and workers inherit it.
+    ``create_key=False`` (check-config) only checks an existing key file.
     """
     errors = check_actions(policy)
     warnings: list[str] = []
     source = policy.source or "policy"
-    key_errors, notices = presets.prepare(policy)
+    key_errors, notices = presets.prepare(policy, create=create_key)
     errors.extend(ConfigError(e, file=policy.source or None, option="wrapping_format_key")
                   for e in key_errors)
     for notice in notices:

@@ -189,8 +189,11 @@ def load_or_create_key(path: Path) -> tuple[bytes, bool]:
     return key, True
 
 
-def prepare(policy: Policy) -> tuple[list[str], list[str]]:
+def prepare(policy: Policy, *, create: bool = True) -> tuple[list[str], list[str]]:
     """Start-up: load (or create) the installation key if the policy needs one.
+
+    With ``create=False`` (a configuration check) a missing key file is only
+    reported: the check must not write anything.
 
     Returns (errors, notices).  Called by ``engine.check_startup`` in the
     listener, before privileges are dropped; workers inherit the key.
@@ -202,6 +205,8 @@ def prepare(policy: Policy) -> tuple[list[str], list[str]]:
     if path is None:
         return [f"wrapping format key: the policy sets no wrapping_format_key and has no "
                 f"configuration file to keep one next to (set {KEY_FILE_ENV})"], []
+    if not create and not path.exists():
+        return [], [f"a new wrapping format key will be generated in {path} at first start"]
     try:
         key, created = load_or_create_key(path)
     except (OSError, ValueError) as exc:
