@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from ..wire import rpc
 from ..wire.codec import CODECS_BY_VERSION, Limits, ProcedureCodec, rv_only_result
-from ..wire.procedures import PROGRAM, VERSION_CAMLCRUSH, VERSION_P11GUARD
+from ..wire.procedures import BY_NAME, PROGRAM, VERSION_CAMLCRUSH, VERSION_P11GUARD
 from ..wire.rpc import RecordReader
 from ..wire.xdr import Packer, XdrError
 
@@ -33,6 +33,22 @@ log = logging.getLogger("p11guard.worker")
 
 CKR_GENERAL_ERROR = 0x5
 RECV_SIZE = 256 * 1024
+
+# Procedures that only read or set bookkeeping in the module (no cryptography,
+# no token writes, no blocking): the leader runs them without handing over
+# leadership.  Everything else (signatures, encryption, key generation, PIN
+# checks, WaitForSlotEvent, the 3.0 message functions, ...) gives leadership to
+# another thread first, so calls on other sessions proceed meanwhile.
+QUICK_PROCEDURES = frozenset(
+    BY_NAME[name].number for name in (
+        "SetupArch", "LoadModule", "GetInfo", "GetSlotList", "GetSlotInfo", "GetTokenInfo",
+        "GetMechanismList", "GetMechanismInfo", "OpenSession", "CloseSession",
+        "GetSessionInfo", "GetAttributeValue", "GetObjectSize", "FindObjectsInit",
+        "FindObjects", "FindObjectsFinal", "DigestInit", "SignInit", "VerifyInit",
+        "EncryptInit", "DecryptInit", "SignRecoverInit", "VerifyRecoverInit",
+        "GetFunctionStatus", "CancelFunction", "SeedRandom", "Logout",
+    )
+)
 SWITCH_INTERVAL = 0.0002
 
 
@@ -113,17 +129,30 @@ class Connection:
             with self._state:
                 self._waiting -= 1
             try:
-                if self._closed:
-                    return
-                work = self._next_call()
-                if work is None:
-                    self._closed = True
-                    return
-                xid, number, body = work
-                session_lock = self._session_lock(number, body)
-                if session_lock is not None:
-                    session_lock.acquire()
-                self._maybe_spawn()
+                while True:
+                    if self._closed:
+                        return
+                    work = self._next_call()
+                    if work is None:
+                        self._closed = True
+                        return
+                    xid, number, body = work
+                    session_lock = self._session_lock(number, body)
+                    if session_lock is not None:
+                        session_lock.acquire()
+                    if number in QUICK_PROCEDURES or self.settings.max_threads == 1:
+                        # A quick call runs on the leader itself: handing leadership
+                        # to another thread costs more than the call (a thread wake-up
+                        # and a GIL hand-over, ~60 us) and it cannot block the reader
+                        # for long.
+                        try:
+                            self._execute(xid, number, body)
+                        finally:
+                            if session_lock is not None:
+                                session_lock.release()
+                        continue
+                    self._maybe_spawn()
+                    break
             finally:
                 self._leader.release()
             try:
