@@ -90,6 +90,13 @@ class RecordReader:
         self._done: list[bytes] = []
 
     def feed(self, data: bytes) -> None:
+        if not self._buf and not self._fragments and len(data) >= 4:
+            # The common case: exactly one whole single-fragment record arrived.
+            header = _HDR.unpack_from(data, 0)[0]
+            length = header & MAX_FRAGMENT
+            if header & LAST_FRAGMENT and len(data) == 4 + length and length <= self._max:
+                self._done.append(data[4:])
+                return
         self._buf += data
         buf = self._buf
         pos = 0
