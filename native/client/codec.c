@@ -2,12 +2,16 @@
  * kind strings of p11g_procs.h (generated from src/p11guard/wire/procedures.py).
  * Decoding validates the whole reply, with every count and length bounded by
  * the bytes present, before anything is handed to the caller; results are
- * views into the reply buffer. */
+ * views into the reply buffer.
+ *
+ * Each connection speaks protocol version 3 or 4, negotiated on its first
+ * call (v4.h): the table and the encodings follow the connection's version. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "p11g.h"
 #include "p11g_procs.h"
+#include "v4.h"
 
 _Static_assert(P11G_TOKEN_INFO_NFIELDS <= P11G_MAX_FIELDS, "struct too large");
 _Static_assert(P11G_SLOT_INFO_NFIELDS <= P11G_MAX_FIELDS, "struct too large");
@@ -17,20 +21,29 @@ _Static_assert(P11G_INFO_NFIELDS <= P11G_MAX_FIELDS, "struct too large");
 #define RPC_REPLY 1
 #define MSG_ACCEPTED 0
 #define ACCEPT_SUCCESS 0
+#define ACCEPT_PROG_MISMATCH 2
 #define ACCEPT_PROC_UNAVAIL 3
+#define E_MISMATCH 100 /* internal: PROG_MISMATCH, versions in *low / *high */
 #define UNBOUNDED_TEXT 4096u /* slot texts have no bound in the .x file */
 
-static const struct p11g_proc_desc *find_proc(unsigned proc)
+static const struct p11g_proc_desc *find_proc(unsigned proc, unsigned version)
 {
-    if (proc < P11G_PROC_MIN || proc > P11G_PROC_MAX)
-        return NULL;
-    const struct p11g_proc_desc *d = &p11g_procs[proc - P11G_PROC_MIN];
+    const struct p11g_proc_desc *d;
+    if (version == P11G_RPC_VERSION4) {
+        if (proc < P11G_PROC4_MIN || proc > P11G_PROC4_MAX)
+            return NULL;
+        d = &p11g_procs4[proc - P11G_PROC4_MIN];
+    } else {
+        if (proc < P11G_PROC_MIN || proc > P11G_PROC_MAX)
+            return NULL;
+        d = &p11g_procs[proc - P11G_PROC_MIN];
+    }
     return d->number == proc ? d : NULL;
 }
 
 const char *p11g_proc_name(unsigned proc)
 {
-    const struct p11g_proc_desc *d = find_proc(proc);
+    const struct p11g_proc_desc *d = find_proc(proc, P11G_RPC_VERSION4);
     return d != NULL ? d->name : "?";
 }
 
@@ -81,6 +94,19 @@ static int encode_args(struct p11g_enc *e, const char *kinds, const struct p11g_
             break;
         case 'T':
             enc_template(e, a);
+            break;
+        case 'X':
+            p11g_v4_enc_mech(e, a->mech);
+            break;
+        case 'Y':
+            p11g_v4_enc_param(e, (unsigned)a->h, a->ptr, a->len,
+                              a->tmpl_mode == P11G_V4_ZERO_OUT);
+            break;
+        case 'Z':
+            p11g_v4_enc_tmpl(e, a->tmpl, a->count);
+            break;
+        case 'L':
+            p11g_v4_enc_types(e, a->tmpl, a->count);
             break;
         default:
             return P11G_E_PROTO; /* no procedure takes a struct argument */
@@ -188,6 +214,16 @@ static int decode_results(struct p11g_dec *d, const char *kinds, struct p11g_res
             }
             break;
         }
+        case 'Y':
+        case 'Z': {
+            /* Validated whole here; the caller reads it from ptr/len. */
+            size_t start = d->pos;
+            if ((kinds[i] == 'Y' ? p11g_v4_skip_param(d) : p11g_v4_skip_tmpl(d)) != 0)
+                return -1;
+            r->ptr = d->p + start;
+            r->len = (uint32_t)(d->pos - start);
+            break;
+        }
         default:
             if (dec_struct(d, kinds[i], r) != 0)
                 return -1;
@@ -207,13 +243,16 @@ void p11g_reply_free(struct p11g_reply *rep)
     rep->len = 0;
 }
 
-int p11g_rpc(struct p11g_conn *c, unsigned proc, const struct p11g_arg *args,
-             struct p11g_res *res, struct p11g_reply *rep, size_t max_record)
+/* One call with one version.  E_MISMATCH: the server does not speak it. */
+static int rpc_once(struct p11g_conn *c, unsigned version, unsigned proc,
+                    const struct p11g_arg *args, struct p11g_res *res, struct p11g_reply *rep,
+                    size_t max_record, uint32_t *low, uint32_t *high)
 {
-    const struct p11g_proc_desc *pd = find_proc(proc);
+    const struct p11g_proc_desc *pd = find_proc(proc, version);
     struct p11g_enc e;
     rep->buf = NULL;
     rep->len = 0;
+    rep->version = version;
     if (pd == NULL)
         return P11G_E_PROC;
 
@@ -223,7 +262,7 @@ int p11g_rpc(struct p11g_conn *c, unsigned proc, const struct p11g_arg *args,
     p11g_enc_u32(&e, RPC_CALL);
     p11g_enc_u32(&e, 2);
     p11g_enc_u32(&e, P11G_RPC_PROGRAM);
-    p11g_enc_u32(&e, P11G_RPC_VERSION);
+    p11g_enc_u32(&e, version);
     p11g_enc_u32(&e, proc);
     p11g_enc_u32(&e, 0); /* AUTH_NONE credential */
     p11g_enc_u32(&e, 0);
@@ -255,6 +294,9 @@ int p11g_rpc(struct p11g_conn *c, unsigned proc, const struct p11g_arg *args,
         r = P11G_E_PROTO;
     else if (accept == ACCEPT_PROC_UNAVAIL)
         r = P11G_E_PROC;
+    else if (accept == ACCEPT_PROG_MISMATCH)
+        r = (p11g_dec_u32(&d, low) == 0 && p11g_dec_u32(&d, high) == 0) ? E_MISMATCH
+                                                                          : P11G_E_PROTO;
     else if (accept != ACCEPT_SUCCESS)
         r = P11G_E_PROTO;
     else {
@@ -265,4 +307,31 @@ int p11g_rpc(struct p11g_conn *c, unsigned proc, const struct p11g_arg *args,
     if (r != P11G_OK)
         p11g_reply_free(rep); /* callers only free after success */
     return r;
+}
+
+int p11g_rpc(struct p11g_conn *c, unsigned proc, const struct p11g_arg *args,
+             struct p11g_res *res, struct p11g_reply *rep, size_t max_record)
+{
+    uint32_t low = 0, high = 0;
+    unsigned version = p11g_conn_version(c);
+    if (version != 0 && proc != P11G_PROC_SetupArch)
+        return rpc_once(c, version, proc, args, res, rep, max_record, &low, &high);
+
+    /* A connection's first call (the handshake starts with SetupArch, which
+     * has the same shape in both versions): version 4 first.  Caml Crush
+     * answers PROG_MISMATCH (3..3) without running anything, and the call is
+     * sent again as version 3: one extra round trip, once per connection. */
+    if (!p11g_v3_forced()) {
+        int r = rpc_once(c, P11G_RPC_VERSION4, proc, args, res, rep, max_record, &low, &high);
+        if (r == P11G_OK)
+            p11g_conn_set_version(c, P11G_RPC_VERSION4);
+        if (r != E_MISMATCH)
+            return r;
+        if (low > P11G_RPC_VERSION || high < P11G_RPC_VERSION)
+            return P11G_E_PROTO; /* neither version we speak */
+    }
+    int r = rpc_once(c, P11G_RPC_VERSION, proc, args, res, rep, max_record, &low, &high);
+    if (r == P11G_OK)
+        p11g_conn_set_version(c, P11G_RPC_VERSION);
+    return r == E_MISMATCH ? P11G_E_PROTO : r;
 }

@@ -1,9 +1,13 @@
 /* config.c: client configuration from the environment, Caml Crush compatible.
  *
- *   PKCS11PROXY_SOCKET_PATH   host:port | [v6]:port | /path | tcp://h:p | unix:///path | tls://h:p
+ *   PKCS11PROXY_SOCKET_PATH   host:port | [v6]:port | /path | tcp://h:p | unix:///path
+ *                             | tls://h:p | tls+unix:///path
  *   PKCS11PROXY_LIBNAME       module alias (else first line of ~/.camlcrushlibname)
  *   PKCS11PROXY_RPC_TIMEOUT   seconds (default 25; 0 or garbage = default)
  *   PKCS11PROXY_CA_FILE, PKCS11PROXY_CERT_FILE, PKCS11PROXY_PRIVKEY_FILE   TLS
+ *   PKCS11PROXY_TLS_VERIFY_HOSTNAME  1 (default) | 0: check the server's name (ours)
+ *   PKCS11PROXY_TLS_SERVER_NAME      the name to check instead of the address's (ours)
+ *   PKCS11PROXY_TLS_MIN_VERSION      1.2 (default) | 1.3 (ours)
  *   PKCS11PROXY_MAX_RECORD    largest reply record accepted, bytes (ours)
  *   PKCS11PROXY_SERIAL        1 = one call in flight per connection (ours)
  *
@@ -13,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "p11g.h"
 
@@ -75,8 +80,15 @@ static int parse_address(struct p11g_config *cfg, const char *s)
         return parse_hostport(cfg, s + 6);
     }
     if (strncmp(s, "tls://", 6) == 0) {
-        cfg->transport = P11G_TLS;
+        cfg->transport = P11G_TCP;
+        cfg->tls = 1;
         return parse_hostport(cfg, s + 6);
+    }
+    if (strncmp(s, "tls+unix://", 11) == 0) {
+        cfg->transport = P11G_UNIX;
+        cfg->tls = 1;
+        s += 11;
+        return (*s == '\0' || copy_str(cfg->host, 108, s, strlen(s)) != 0) ? -1 : 0;
     }
     if (strstr(s, "://") != NULL)
         return -1; /* an unknown scheme */
@@ -87,7 +99,8 @@ static int parse_address(struct p11g_config *cfg, const char *s)
     /* Plain host:port is TCP, or TLS when a CA file is configured (the way
      * Caml Crush's libp11clienttcpssl.so reads the same variable). */
     const char *ca = getenv("PKCS11PROXY_CA_FILE");
-    cfg->transport = (ca != NULL && *ca != '\0') ? P11G_TLS : P11G_TCP;
+    cfg->transport = P11G_TCP;
+    cfg->tls = (ca != NULL && *ca != '\0');
     return parse_hostport(cfg, s);
 }
 
@@ -123,6 +136,63 @@ static int env_file(char *dst, size_t cap, const char *name)
     return copy_str(dst, cap, v, strlen(v));
 }
 
+/* 1 / 0 for the usual spellings of a boolean, -1 for anything else. */
+static int parse_bool(const char *v, int dflt)
+{
+    static const char *const yes[] = {"1", "yes", "true", "on"};
+    static const char *const no[] = {"0", "no", "false", "off"};
+    if (v == NULL || *v == '\0')
+        return dflt;
+    for (size_t i = 0; i < sizeof yes / sizeof yes[0]; i++) {
+        if (strcasecmp(v, yes[i]) == 0)
+            return 1;
+        if (strcasecmp(v, no[i]) == 0)
+            return 0;
+    }
+    return -1;
+}
+
+/* The TLS settings.  Anything that weakens server authentication must be
+ * spelled out: an unreadable value is an error, never a default. */
+static CK_RV load_tls(struct p11g_config *cfg, char *err, size_t errlen)
+{
+    if (cfg->ca_file[0] == '\0') {
+        snprintf(err, errlen, "TLS needs PKCS11PROXY_CA_FILE (the CA that signed the server)");
+        return CKR_GENERAL_ERROR;
+    }
+    if (cfg->key_file[0] != '\0' && cfg->cert_file[0] == '\0') {
+        snprintf(err, errlen, "PKCS11PROXY_PRIVKEY_FILE is set but PKCS11PROXY_CERT_FILE is not");
+        return CKR_GENERAL_ERROR;
+    }
+    if (cfg->cert_file[0] != '\0' && cfg->key_file[0] == '\0')
+        memcpy(cfg->key_file, cfg->cert_file, sizeof cfg->key_file); /* one PEM with both */
+
+    cfg->verify_hostname = parse_bool(getenv("PKCS11PROXY_TLS_VERIFY_HOSTNAME"), 1);
+    if (cfg->verify_hostname < 0) {
+        snprintf(err, errlen, "bad PKCS11PROXY_TLS_VERIFY_HOSTNAME (want 1 or 0)");
+        return CKR_GENERAL_ERROR;
+    }
+    const char *v = getenv("PKCS11PROXY_TLS_MIN_VERSION");
+    if (v == NULL || *v == '\0' || strcmp(v, "1.2") == 0)
+        cfg->tls13_only = 0;
+    else if (strcmp(v, "1.3") == 0)
+        cfg->tls13_only = 1;
+    else {
+        snprintf(err, errlen, "bad PKCS11PROXY_TLS_MIN_VERSION (want 1.2 or 1.3)");
+        return CKR_GENERAL_ERROR;
+    }
+    /* The name the certificate must carry: explicit, else the host we dial;
+     * a Unix socket has no host name, so "localhost" stands for this machine. */
+    const char *name = getenv("PKCS11PROXY_TLS_SERVER_NAME");
+    if (name == NULL || *name == '\0')
+        name = cfg->transport == P11G_UNIX ? "localhost" : cfg->host;
+    if (copy_str(cfg->server_name, sizeof cfg->server_name, name, strlen(name)) != 0) {
+        snprintf(err, errlen, "the TLS server name is too long");
+        return CKR_GENERAL_ERROR;
+    }
+    return CKR_OK;
+}
+
 CK_RV p11g_config_load(struct p11g_config *cfg, char *err, size_t errlen)
 {
     memset(cfg, 0, sizeof *cfg);
@@ -134,7 +204,8 @@ CK_RV p11g_config_load(struct p11g_config *cfg, char *err, size_t errlen)
         addr = DEFAULT_ADDRESS;
     if (strlen(addr) >= P11G_MAX_ADDR || parse_address(cfg, addr) != 0) {
         snprintf(err, errlen,
-                 "bad PKCS11PROXY_SOCKET_PATH (want host:port, /path, tcp://, unix:// or tls://)");
+                 "bad PKCS11PROXY_SOCKET_PATH (want host:port, /path, tcp://, unix://, tls:// "
+                 "or tls+unix://)");
         return CKR_GENERAL_ERROR;
     }
 
@@ -177,9 +248,7 @@ CK_RV p11g_config_load(struct p11g_config *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "a PKCS11PROXY_*_FILE path is too long");
         return CKR_GENERAL_ERROR;
     }
-    if (cfg->transport == P11G_TLS && cfg->ca_file[0] == '\0') {
-        snprintf(err, errlen, "TLS needs PKCS11PROXY_CA_FILE");
-        return CKR_GENERAL_ERROR;
-    }
+    if (cfg->tls)
+        return load_tls(cfg, err, errlen);
     return CKR_OK;
 }

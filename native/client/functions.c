@@ -2,7 +2,12 @@
  * locally (NULL pointers, lengths, reserved pointers), fills the argument
  * array of its procedure, runs it through the table-driven codec and copies
  * the validated reply into the caller's memory, never more than the caller's
- * buffer holds. */
+ * buffer holds.
+ *
+ * Over protocol version 4 (v4.h) mechanisms and templates are typed, output
+ * lengths are asked of the server as the caller asks them (no result cache)
+ * and GetAttributeValue fills nested templates; over version 3 (Caml Crush)
+ * the original paths below apply unchanged. */
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +15,7 @@
 
 #include "p11g.h"
 #include "p11g_procs.h"
+#include "v4.h"
 
 #define ARGS(n)                                                                                \
     struct p11g_arg a[n];                                                                      \
@@ -18,7 +24,7 @@
 
 /* ---- helpers ------------------------------------------------------------- */
 struct call {
-    struct p11g_res r[4];
+    struct p11g_res r[6];
     struct p11g_reply rep;
 };
 
@@ -75,6 +81,8 @@ static int nested_attr(CK_ATTRIBUTE_TYPE t)
 
 static CK_RV check_template(const CK_ATTRIBUTE *t, CK_ULONG n)
 {
+    if (p11g_proto() == 4)
+        return p11g_v4_tmpl_check(t, n);
     if (t == NULL && n != 0)
         return CKR_ARGUMENTS_BAD;
     if (n > MAX_TEMPLATE)
@@ -134,6 +142,8 @@ static CK_RV check_mech(const CK_MECHANISM *m, CK_MECHANISM *out, CK_RSA_PKCS_OA
     if (m == NULL)
         return CKR_ARGUMENTS_BAD;
     *out = *m;
+    if (p11g_proto() == 4)
+        return p11g_v4_mech_check(m); /* typed: every parameter we know travels */
     if (m->pParameter == NULL) {
         if (m->ulParameterLen != 0)
             return CKR_MECHANISM_PARAM_INVALID;
@@ -175,6 +185,23 @@ static CK_RV check_mech(const CK_MECHANISM *m, CK_MECHANISM *out, CK_RSA_PKCS_OA
     return CKR_OK;
 }
 
+/* Protocol v4: the caller's buffer size goes to the server (a[n_args].h),
+ * which answers as the module would; nothing is cached.  Result: rv, value,
+ * length. */
+static CK_RV output_call4(unsigned proc, struct p11g_arg *a, unsigned n_args, CK_BYTE_PTR out,
+                          CK_ULONG_PTR out_len)
+{
+    CK_RV rv, mrv;
+    a[n_args].h = out != NULL ? (uint64_t)*out_len : P11G_OUT_LEN_NULL;
+    struct call c;
+    rv = run(proc, a, &c, &mrv);
+    if (rv != CKR_OK)
+        return rv;
+    rv = p11g_v4_output(&c.rep, &c.r[1], &c.r[2], mrv, out, out_len);
+    p11g_reply_free(&c.rep);
+    return rv;
+}
+
 /* Length-query emulation (see cache.c and docs/client.md). */
 static CK_RV output_call(unsigned proc, unsigned families, CK_SESSION_HANDLE s, uint64_t key,
                          const struct p11g_arg *a, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
@@ -182,6 +209,17 @@ static CK_RV output_call(unsigned proc, unsigned families, CK_SESSION_HANDLE s, 
     CK_RV rv, mrv;
     if (out_len == NULL)
         return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() == 4) {
+        /* The v4 call has one more argument, the caller's buffer size. */
+        struct p11g_arg a4[6];
+        const char *kinds = p11g_procs4[proc - P11G_PROC4_MIN].args;
+        size_t n = strlen(kinds);
+        if (n == 0 || n > 6)
+            return CKR_GENERAL_ERROR;
+        memset(a4, 0, sizeof a4);
+        memcpy(a4, a, sizeof a4[0] * (n - 1));
+        return output_call4(proc, a4, (unsigned)(n - 1), out, out_len);
+    }
     if (p11g_cache_take(s, proc, key, out, out_len, &rv))
         return rv;
     struct call c;
@@ -250,7 +288,7 @@ static CK_RV op_init(unsigned proc, unsigned families, CK_SESSION_HANDLE s, CK_M
     CK_RV rv = check_mech(m, &mech, &oaep);
     if (rv != CKR_OK)
         return rv;
-    if (p11g_cache_busy(s, families))
+    if (p11g_proto() == 3 && p11g_cache_busy(s, families))
         return CKR_OPERATION_ACTIVE; /* a query's result is still waiting for the app */
     ARGS(3);
     a[0].h = s;
@@ -639,11 +677,36 @@ P11G_EXPORT CK_RV C_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE h
     return handle_result(P11G_PROC_GetObjectSize, a, pulSize);
 }
 
+/* Protocol v4: the types go out, typed values come back, and the caller's
+ * buffers are filled here (v4tmpl.c), nested templates included. */
+static CK_RV get_attributes4(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t,
+                             CK_ULONG n)
+{
+    ARGS(3);
+    a[0].h = s;
+    a[1].h = o;
+    a[2].tmpl = t;
+    a[2].count = n;
+    struct call c;
+    CK_RV mrv;
+    CK_RV rv = run(P11G_PROC_GetAttributeValue, a, &c, &mrv);
+    if (rv != CKR_OK)
+        return rv;
+    if (c.rep.version != 4)
+        rv = CKR_DEVICE_ERROR; /* reconnected to another server meanwhile */
+    else
+        rv = p11g_v4_tmpl_fill(t, n, c.r[1].ptr, c.r[1].len, mrv);
+    p11g_reply_free(&c.rep);
+    return rv;
+}
+
 P11G_EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
                                       CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount)
 {
     if ((pTemplate == NULL && ulCount != 0) || ulCount > MAX_TEMPLATE)
         return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() == 4)
+        return get_attributes4(hSession, hObject, pTemplate, ulCount);
     /* What goes on the wire: nested templates are asked as length queries
      * only (their values hold pointers); see check below. */
     CK_ATTRIBUTE *wire = calloc(ulCount ? ulCount : 1, sizeof *wire);

@@ -1,97 +1,395 @@
 /* lists.c: the 2.40 and 3.0 function lists, and the PKCS#11 3.0 functions.
- * Protocol v3 cannot carry any 3.0 call, so they answer
- * CKR_FUNCTION_NOT_SUPPORTED (after the argument checks that cost nothing). */
-#include "p11g.h"
+ *
+ * Over protocol version 4 the 3.0 functions are forwarded (procedures 72-93,
+ * docs/protocol.md §6); the server answers CKR_FUNCTION_NOT_SUPPORTED for what
+ * the backend module lacks or the policy hides.  Protocol version 3 (Caml
+ * Crush) cannot carry any of them: CKR_FUNCTION_NOT_SUPPORTED, after the
+ * argument checks that cost nothing.
+ *
+ * Per-message parameters are in/out: the module may generate the IV and
+ * writes the GCM tag or the CCM MAC, so the buffers that come back are copied
+ * into the caller's structure (never beyond the sizes it gave). */
+#include <string.h>
 
-#define NS return CKR_FUNCTION_NOT_SUPPORTED
+#include "p11g.h"
+#include "p11g_procs.h"
+#include "v4.h"
+
+#define NS CKR_FUNCTION_NOT_SUPPORTED
+
+struct call {
+    struct p11g_res r[6];
+    struct p11g_reply rep;
+};
+
+static CK_RV run(unsigned proc, const struct p11g_arg *a, struct call *c, CK_RV *mrv)
+{
+    CK_RV rv = p11g_call(proc, a, c->r, &c->rep);
+    if (rv == CKR_OK)
+        *mrv = p11g_rv(c->r[0].h);
+    return rv;
+}
+
+static CK_RV simple(unsigned proc, const struct p11g_arg *a)
+{
+    struct call c;
+    CK_RV mrv;
+    CK_RV rv = run(proc, a, &c, &mrv);
+    if (rv != CKR_OK)
+        return rv;
+    p11g_reply_free(&c.rep);
+    return mrv;
+}
+
+static int bytes_bad(const void *p, CK_ULONG n) { return p == NULL && n != 0; }
 
 P11G_EXPORT CK_RV C_LoginUser(CK_SESSION_HANDLE s, CK_USER_TYPE u, CK_UTF8CHAR_PTR pin,
                               CK_ULONG pinlen, CK_UTF8CHAR_PTR user, CK_ULONG userlen)
 {
-    (void)s, (void)u, (void)pin, (void)pinlen, (void)user, (void)userlen;
-    NS;
+    if (bytes_bad(pin, pinlen) || bytes_bad(user, userlen))
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[4];
+    memset(a, 0, sizeof a);
+    a[0].h = s;
+    a[1].h = u;
+    a[2].ptr = pin;
+    a[2].len = pinlen;
+    a[3].ptr = user;
+    a[3].len = userlen;
+    return simple(P11G_PROC_LoginUser, a);
 }
+
 P11G_EXPORT CK_RV C_SessionCancel(CK_SESSION_HANDLE s, CK_FLAGS f)
 {
-    (void)s, (void)f;
-    NS;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[2];
+    memset(a, 0, sizeof a);
+    a[0].h = s;
+    a[1].h = f;
+    return simple(P11G_PROC_SessionCancel, a);
 }
-#define MSG_INIT(name)                                                                         \
+
+static CK_RV message_init(unsigned proc, CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
+                          CK_OBJECT_HANDLE k)
+{
+    if (m == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    CK_RV rv = p11g_v4_mech_check(m);
+    if (rv != CKR_OK)
+        return rv;
+    struct p11g_arg a[3];
+    memset(a, 0, sizeof a);
+    a[0].h = s;
+    a[1].mech = m;
+    a[2].h = k;
+    return simple(proc, a);
+}
+
+static CK_RV message_final(unsigned proc, CK_SESSION_HANDLE s)
+{
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[1];
+    memset(a, 0, sizeof a);
+    a[0].h = s;
+    return simple(proc, a);
+}
+
+#define MSG_INIT(name, proc)                                                                   \
     P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k)         \
     {                                                                                          \
-        (void)s, (void)m, (void)k;                                                             \
-        NS;                                                                                    \
+        return message_init(proc, s, m, k);                                                    \
     }
-#define MSG_FINAL(name)                                                                        \
-    P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s)                                                \
-    {                                                                                          \
-        (void)s;                                                                               \
-        NS;                                                                                    \
-    }
-MSG_INIT(C_MessageEncryptInit)
-MSG_INIT(C_MessageDecryptInit)
-MSG_INIT(C_MessageSignInit)
-MSG_INIT(C_MessageVerifyInit)
-MSG_FINAL(C_MessageEncryptFinal)
-MSG_FINAL(C_MessageDecryptFinal)
-MSG_FINAL(C_MessageSignFinal)
-MSG_FINAL(C_MessageVerifyFinal)
+#define MSG_FINAL(name, proc)                                                                  \
+    P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s) { return message_final(proc, s); }
+MSG_INIT(C_MessageEncryptInit, P11G_PROC_MessageEncryptInit)
+MSG_INIT(C_MessageDecryptInit, P11G_PROC_MessageDecryptInit)
+MSG_INIT(C_MessageSignInit, P11G_PROC_MessageSignInit)
+MSG_INIT(C_MessageVerifyInit, P11G_PROC_MessageVerifyInit)
+MSG_FINAL(C_MessageEncryptFinal, P11G_PROC_MessageEncryptFinal)
+MSG_FINAL(C_MessageDecryptFinal, P11G_PROC_MessageDecryptFinal)
+MSG_FINAL(C_MessageSignFinal, P11G_PROC_MessageSignFinal)
+MSG_FINAL(C_MessageVerifyFinal, P11G_PROC_MessageVerifyFinal)
 
-#define CRYPT_MSG(name)                                                                        \
+/* Fills a[1] (the per-message parameter) or returns why not. */
+static CK_RV param_arg(struct p11g_arg *a, CK_VOID_PTR p, CK_ULONG pl, int encrypting)
+{
+    unsigned tag;
+    CK_RV rv = p11g_v4_param_tag(p, pl, &tag);
+    if (rv != CKR_OK)
+        return rv;
+    a->h = tag;
+    a->ptr = p;
+    a->len = pl;
+    /* The tag or MAC is the module's output when encrypting: send zeros,
+     * not whatever the caller's buffer holds. */
+    a->tmpl_mode = encrypting ? P11G_V4_ZERO_OUT : 0;
+    return CKR_OK;
+}
+
+/* The parameter that came back (result index 1), when the call succeeded. */
+static CK_RV param_back(const struct call *c, const struct p11g_arg *pa, CK_VOID_PTR p,
+                        CK_ULONG pl)
+{
+    if (c->rep.version != 4)
+        return CKR_DEVICE_ERROR;
+    return p11g_v4_param_back((unsigned)pa->h, p, pl, c->r[1].ptr, c->r[1].len);
+}
+
+/* EncryptMessage / DecryptMessage: H Y O O H -> H Y O H */
+static CK_RV crypt_message(unsigned proc, int encrypting, CK_SESSION_HANDLE s, CK_VOID_PTR p,
+                           CK_ULONG pl, CK_BYTE_PTR ad, CK_ULONG adl, CK_BYTE_PTR in,
+                           CK_ULONG inl, CK_BYTE_PTR out, CK_ULONG_PTR outl)
+{
+    if (outl == NULL || bytes_bad(ad, adl) || bytes_bad(in, inl))
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[5];
+    memset(a, 0, sizeof a);
+    CK_RV rv = param_arg(&a[1], p, pl, encrypting);
+    if (rv != CKR_OK)
+        return rv;
+    a[0].h = s;
+    a[2].ptr = ad;
+    a[2].len = adl;
+    a[3].ptr = in;
+    a[3].len = inl;
+    a[4].h = out != NULL ? (uint64_t)*outl : P11G_OUT_LEN_NULL;
+    struct call c;
+    CK_RV mrv;
+    rv = run(proc, a, &c, &mrv);
+    if (rv != CKR_OK)
+        return rv;
+    rv = CKR_OK;
+    if (mrv == CKR_OK && out != NULL)
+        rv = param_back(&c, &a[1], p, pl);
+    if (rv == CKR_OK)
+        rv = p11g_v4_output(&c.rep, &c.r[2], &c.r[3], mrv, out, outl);
+    p11g_reply_free(&c.rep);
+    return rv;
+}
+
+#define CRYPT_MSG(name, proc, enc)                                                             \
     P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl, CK_BYTE_PTR ad,     \
                            CK_ULONG adl, CK_BYTE_PTR in, CK_ULONG inl, CK_BYTE_PTR out,        \
                            CK_ULONG_PTR outl)                                                  \
     {                                                                                          \
-        (void)s, (void)p, (void)pl, (void)ad, (void)adl, (void)in, (void)inl, (void)out,       \
-            (void)outl;                                                                        \
-        NS;                                                                                    \
+        return crypt_message(proc, enc, s, p, pl, ad, adl, in, inl, out, outl);                \
     }
-CRYPT_MSG(C_EncryptMessage)
-CRYPT_MSG(C_DecryptMessage)
-#define CRYPT_BEGIN(name)                                                                      \
+CRYPT_MSG(C_EncryptMessage, P11G_PROC_EncryptMessage, 1)
+CRYPT_MSG(C_DecryptMessage, P11G_PROC_DecryptMessage, 0)
+
+/* EncryptMessageBegin / DecryptMessageBegin: H Y O -> H Y */
+static CK_RV crypt_begin(unsigned proc, int encrypting, CK_SESSION_HANDLE s, CK_VOID_PTR p,
+                         CK_ULONG pl, CK_BYTE_PTR ad, CK_ULONG adl)
+{
+    if (bytes_bad(ad, adl))
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[3];
+    memset(a, 0, sizeof a);
+    CK_RV rv = param_arg(&a[1], p, pl, encrypting);
+    if (rv != CKR_OK)
+        return rv;
+    a[0].h = s;
+    a[2].ptr = ad;
+    a[2].len = adl;
+    struct call c;
+    CK_RV mrv;
+    rv = run(proc, a, &c, &mrv);
+    if (rv != CKR_OK)
+        return rv;
+    rv = mrv == CKR_OK ? param_back(&c, &a[1], p, pl) : mrv;
+    p11g_reply_free(&c.rep);
+    return rv;
+}
+
+#define CRYPT_BEGIN(name, proc, enc)                                                           \
     P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl, CK_BYTE_PTR ad,     \
                            CK_ULONG adl)                                                       \
     {                                                                                          \
-        (void)s, (void)p, (void)pl, (void)ad, (void)adl;                                       \
-        NS;                                                                                    \
+        return crypt_begin(proc, enc, s, p, pl, ad, adl);                                      \
     }
-CRYPT_BEGIN(C_EncryptMessageBegin)
-CRYPT_BEGIN(C_DecryptMessageBegin)
-#define CRYPT_NEXT(name)                                                                       \
+CRYPT_BEGIN(C_EncryptMessageBegin, P11G_PROC_EncryptMessageBegin, 1)
+CRYPT_BEGIN(C_DecryptMessageBegin, P11G_PROC_DecryptMessageBegin, 0)
+
+/* EncryptMessageNext / DecryptMessageNext: H Y O H(out_len) H(flags) -> H Y O H */
+static CK_RV crypt_next(unsigned proc, int encrypting, CK_SESSION_HANDLE s, CK_VOID_PTR p,
+                        CK_ULONG pl, CK_BYTE_PTR in, CK_ULONG inl, CK_BYTE_PTR out,
+                        CK_ULONG_PTR outl, CK_FLAGS flags)
+{
+    if (outl == NULL || bytes_bad(in, inl))
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[5];
+    memset(a, 0, sizeof a);
+    CK_RV rv = param_arg(&a[1], p, pl, encrypting && (flags & CKF_END_OF_MESSAGE));
+    if (rv != CKR_OK)
+        return rv;
+    a[0].h = s;
+    a[2].ptr = in;
+    a[2].len = inl;
+    a[3].h = out != NULL ? (uint64_t)*outl : P11G_OUT_LEN_NULL;
+    a[4].h = flags;
+    struct call c;
+    CK_RV mrv;
+    rv = run(proc, a, &c, &mrv);
+    if (rv != CKR_OK)
+        return rv;
+    rv = CKR_OK;
+    if (mrv == CKR_OK && out != NULL)
+        rv = param_back(&c, &a[1], p, pl);
+    if (rv == CKR_OK)
+        rv = p11g_v4_output(&c.rep, &c.r[2], &c.r[3], mrv, out, outl);
+    p11g_reply_free(&c.rep);
+    return rv;
+}
+
+#define CRYPT_NEXT(name, proc, enc)                                                            \
     P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl, CK_BYTE_PTR in,     \
                            CK_ULONG inl, CK_BYTE_PTR out, CK_ULONG_PTR outl, CK_FLAGS f)       \
     {                                                                                          \
-        (void)s, (void)p, (void)pl, (void)in, (void)inl, (void)out, (void)outl, (void)f;       \
-        NS;                                                                                    \
+        return crypt_next(proc, enc, s, p, pl, in, inl, out, outl, f);                         \
     }
-CRYPT_NEXT(C_EncryptMessageNext)
-CRYPT_NEXT(C_DecryptMessageNext)
-#define SIGN_MSG(name)                                                                         \
-    P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl, CK_BYTE_PTR d,      \
-                           CK_ULONG dl, CK_BYTE_PTR sig, CK_ULONG_PTR sigl)                    \
-    {                                                                                          \
-        (void)s, (void)p, (void)pl, (void)d, (void)dl, (void)sig, (void)sigl;                  \
-        NS;                                                                                    \
-    }
-SIGN_MSG(C_SignMessage)
-SIGN_MSG(C_SignMessageNext)
-#define VERIFY_MSG(name)                                                                       \
-    P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl, CK_BYTE_PTR d,      \
-                           CK_ULONG dl, CK_BYTE_PTR sig, CK_ULONG sigl)                        \
-    {                                                                                          \
-        (void)s, (void)p, (void)pl, (void)d, (void)dl, (void)sig, (void)sigl;                  \
-        NS;                                                                                    \
-    }
-VERIFY_MSG(C_VerifyMessage)
-VERIFY_MSG(C_VerifyMessageNext)
-#define MSG_BEGIN(name)                                                                        \
-    P11G_EXPORT CK_RV name(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl)                     \
-    {                                                                                          \
-        (void)s, (void)p, (void)pl;                                                            \
-        NS;                                                                                    \
-    }
-MSG_BEGIN(C_SignMessageBegin)
-MSG_BEGIN(C_VerifyMessageBegin)
+CRYPT_NEXT(C_EncryptMessageNext, P11G_PROC_EncryptMessageNext, 1)
+CRYPT_NEXT(C_DecryptMessageNext, P11G_PROC_DecryptMessageNext, 0)
+
+/* SignMessage: H Y O H(out_len) -> H O H */
+P11G_EXPORT CK_RV C_SignMessage(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl, CK_BYTE_PTR d,
+                                CK_ULONG dl, CK_BYTE_PTR sig, CK_ULONG_PTR sigl)
+{
+    if (sigl == NULL || bytes_bad(d, dl))
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[4];
+    memset(a, 0, sizeof a);
+    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    if (rv != CKR_OK)
+        return rv;
+    a[0].h = s;
+    a[2].ptr = d;
+    a[2].len = dl;
+    a[3].h = sig != NULL ? (uint64_t)*sigl : P11G_OUT_LEN_NULL;
+    struct call c;
+    CK_RV mrv;
+    rv = run(P11G_PROC_SignMessage, a, &c, &mrv);
+    if (rv != CKR_OK)
+        return rv;
+    rv = p11g_v4_output(&c.rep, &c.r[1], &c.r[2], mrv, sig, sigl);
+    p11g_reply_free(&c.rep);
+    return rv;
+}
+
+/* SignMessageNext: H Y O H(final) H(out_len) -> H O H; not final when
+ * pulSignatureLen is NULL. */
+P11G_EXPORT CK_RV C_SignMessageNext(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl,
+                                    CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR sig,
+                                    CK_ULONG_PTR sigl)
+{
+    if (bytes_bad(d, dl))
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[5];
+    memset(a, 0, sizeof a);
+    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    if (rv != CKR_OK)
+        return rv;
+    a[0].h = s;
+    a[2].ptr = d;
+    a[2].len = dl;
+    a[3].h = sigl != NULL;
+    a[4].h = sigl != NULL && sig != NULL ? (uint64_t)*sigl : P11G_OUT_LEN_NULL;
+    struct call c;
+    CK_RV mrv;
+    rv = run(P11G_PROC_SignMessageNext, a, &c, &mrv);
+    if (rv != CKR_OK)
+        return rv;
+    if (sigl != NULL)
+        rv = p11g_v4_output(&c.rep, &c.r[1], &c.r[2], mrv, sig, sigl);
+    else
+        rv = mrv;
+    p11g_reply_free(&c.rep);
+    return rv;
+}
+
+/* SignMessageBegin / VerifyMessageBegin: H Y -> H */
+static CK_RV message_begin(unsigned proc, CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl)
+{
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[2];
+    memset(a, 0, sizeof a);
+    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    if (rv != CKR_OK)
+        return rv;
+    a[0].h = s;
+    return simple(proc, a);
+}
+
+P11G_EXPORT CK_RV C_SignMessageBegin(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl)
+{
+    return message_begin(P11G_PROC_SignMessageBegin, s, p, pl);
+}
+
+P11G_EXPORT CK_RV C_VerifyMessageBegin(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl)
+{
+    return message_begin(P11G_PROC_VerifyMessageBegin, s, p, pl);
+}
+
+/* VerifyMessage: H Y O O -> H */
+P11G_EXPORT CK_RV C_VerifyMessage(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl, CK_BYTE_PTR d,
+                                  CK_ULONG dl, CK_BYTE_PTR sig, CK_ULONG sigl)
+{
+    if (bytes_bad(d, dl) || sig == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[4];
+    memset(a, 0, sizeof a);
+    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    if (rv != CKR_OK)
+        return rv;
+    a[0].h = s;
+    a[2].ptr = d;
+    a[2].len = dl;
+    a[3].ptr = sig;
+    a[3].len = sigl;
+    return simple(P11G_PROC_VerifyMessage, a);
+}
+
+/* VerifyMessageNext: H Y O H(final) O(signature) -> H; final when pSignature
+ * is given. */
+P11G_EXPORT CK_RV C_VerifyMessageNext(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl,
+                                      CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR sig,
+                                      CK_ULONG sigl)
+{
+    if (bytes_bad(d, dl))
+        return CKR_ARGUMENTS_BAD;
+    if (p11g_proto() != 4)
+        return NS;
+    struct p11g_arg a[5];
+    memset(a, 0, sizeof a);
+    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    if (rv != CKR_OK)
+        return rv;
+    a[0].h = s;
+    a[2].ptr = d;
+    a[2].len = dl;
+    a[3].h = sig != NULL;
+    a[4].ptr = sig;
+    a[4].len = sig != NULL ? sigl : 0;
+    return simple(P11G_PROC_VerifyMessageNext, a);
+}
 
 #define FUNCTIONS_2_40                                                                         \
     C_Initialize, C_Finalize, C_GetInfo, C_GetFunctionList, C_GetSlotList, C_GetSlotInfo,      \

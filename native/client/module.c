@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -22,6 +23,8 @@ static struct p11g_conn *g_conn;
 static size_t g_max_record = P11G_DEFAULT_MAX_RECORD;
 static unsigned long g_generation;
 static int g_lost_logged;
+static pthread_once_t g_exit_once = PTHREAD_ONCE_INIT;
+static void register_exit_handler(void);
 
 void p11g_log(const char *fmt, ...)
 {
@@ -131,6 +134,20 @@ CK_RV p11g_call(unsigned proc, const struct p11g_arg *args, struct p11g_res *res
     return map_err(err, proc);
 }
 
+/* With TLS 1.3 the server checks our certificate after our side of the
+ * handshake is done: a refusal arrives as an alert on the first read. */
+static int log_tls_failure(struct p11g_conn *c, const struct p11g_config *cfg, const char *step)
+{
+    char why[200];
+    if (!cfg->tls)
+        return 0;
+    p11g_conn_tls_error(c, why, sizeof why);
+    if (why[0] == '\0')
+        return 0;
+    p11g_log("TLS session with %s failed during %s: %s", cfg->host, step, why);
+    return 1;
+}
+
 /* SetupArch -> LoadModule -> Initialize on a fresh connection. */
 static CK_RV handshake(struct p11g_conn *c, const struct p11g_config *cfg)
 {
@@ -143,6 +160,8 @@ static CK_RV handshake(struct p11g_conn *c, const struct p11g_config *cfg)
     a[0].h = arch_code();
     err = p11g_rpc(c, P11G_PROC_SetupArch, a, r, &rep, cfg->max_record);
     if (err != P11G_OK) {
+        if (log_tls_failure(c, cfg, "SetupArch"))
+            return CKR_DEVICE_ERROR;
         p11g_log("SetupArch failed (%s): is %s a p11guard or Caml Crush server?",
                  err == P11G_E_TIMEOUT ? "timeout" : err == P11G_E_PROTO ? "bad reply" : "I/O",
                  cfg->host);
@@ -161,6 +180,8 @@ static CK_RV handshake(struct p11g_conn *c, const struct p11g_config *cfg)
     a[0].len = strlen(cfg->libname);
     err = p11g_rpc(c, P11G_PROC_LoadModule, a, r, &rep, cfg->max_record);
     if (err != P11G_OK) {
+        if (log_tls_failure(c, cfg, "LoadModule"))
+            return CKR_DEVICE_ERROR;
         p11g_log("LoadModule failed: %s", err == P11G_E_PROTO ? "bad reply" : "I/O error");
         return CKR_DEVICE_ERROR;
     }
@@ -173,6 +194,8 @@ static CK_RV handshake(struct p11g_conn *c, const struct p11g_config *cfg)
 
     err = p11g_rpc(c, P11G_PROC_Initialize, a, r, &rep, cfg->max_record);
     if (err != P11G_OK) {
+        if (log_tls_failure(c, cfg, "Initialize"))
+            return CKR_DEVICE_ERROR;
         p11g_log("Initialize failed: %s", err == P11G_E_PROTO ? "bad reply" : "I/O error");
         return CKR_DEVICE_ERROR;
     }
@@ -229,6 +252,15 @@ P11G_EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
         p11g_log("%s", err);
         pthread_mutex_unlock(&g_init_lock);
         return rv;
+    }
+    if (cfg.tls) {
+        if (p11g_tls_global_init() != P11G_OK) {
+            p11g_log("TLS: cannot initialise OpenSSL");
+            pthread_mutex_unlock(&g_init_lock);
+            return CKR_DEVICE_ERROR;
+        }
+        /* After OpenSSL's own exit handler, so ours runs first (see p11g_unload). */
+        pthread_once(&g_exit_once, register_exit_handler);
     }
     struct p11g_conn *c = NULL;
     if (p11g_conn_open(&cfg, &c, err, sizeof err) != P11G_OK) {
@@ -327,7 +359,14 @@ __attribute__((constructor)) static void p11g_load(void)
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
-__attribute__((destructor)) static void p11g_unload(void)
+/* Runs at dlclose, and at exit.  At exit the order matters with TLS: OpenSSL
+ * registers its cleanup with atexit() when it is initialised, and a library's
+ * destructors run after all atexit handlers, when no OpenSSL function may be
+ * called any more (OPENSSL_cleanup(3)).  So C_Initialize also registers this
+ * function with atexit() right after initialising OpenSSL: handlers run in
+ * reverse order, so it runs (and closes the session with close_notify) before
+ * OpenSSL's cleanup.  The second call finds nothing to do. */
+static void p11g_unload(void)
 {
     pthread_mutex_lock(&g_lock);
     struct p11g_conn *c = g_conn;
@@ -339,6 +378,15 @@ __attribute__((destructor)) static void p11g_unload(void)
         p11g_conn_unref(c);
     }
     p11g_cache_clear();
+}
+
+__attribute__((destructor)) static void p11g_unload_dtor(void) { p11g_unload(); }
+
+static void register_exit_handler(void)
+{
+    /* atexit() from a shared object is bound to it: a dlclose runs it too. */
+    if (atexit(p11g_unload) != 0)
+        p11g_log("cannot register the exit handler; TLS sessions are cut at exit");
 }
 
 /* ---- function lists and interfaces -------------------------------------- */

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include "pkcs11_3.h"
 
@@ -20,19 +21,27 @@
 #define P11G_MAX_NAME 1024
 #define P11G_MAX_ADDR 1024
 #define P11G_MAX_FIELDS 24
+#define P11G_MAX_HOSTNAME 256
 
 /* ---- configuration (config.c) ---------------------------------------- */
-enum p11g_transport { P11G_TCP, P11G_UNIX, P11G_TLS };
+enum p11g_transport { P11G_TCP, P11G_UNIX };
 
 struct p11g_config {
     enum p11g_transport transport;
-    char host[P11G_MAX_ADDR]; /* TCP/TLS host, or the Unix socket path */
+    int tls;                  /* TLS over the stream (tls://, tls+unix://, host:port + CA) */
+    char host[P11G_MAX_ADDR]; /* TCP host, or the Unix socket path */
     char port[16];
     char libname[P11G_MAX_NAME];
     int timeout_s;
     size_t max_record;
     int serial; /* 1: one call in flight per connection (PKCS11PROXY_SERIAL=1) */
     char ca_file[P11G_MAX_ADDR], cert_file[P11G_MAX_ADDR], key_file[P11G_MAX_ADDR];
+    /* TLS server authentication: the chain is always verified; the name too
+     * unless PKCS11PROXY_TLS_VERIFY_HOSTNAME=0.  server_name is the name
+     * checked (and sent as SNI when it is not an address). */
+    int verify_hostname;
+    char server_name[P11G_MAX_HOSTNAME];
+    int tls13_only; /* PKCS11PROXY_TLS_MIN_VERSION=1.3 */
 };
 
 /* Fills *cfg from the environment.  On error writes one line to err and
@@ -90,6 +99,34 @@ P11G_HIDDEN void p11g_conn_unref(struct p11g_conn *c);
 /* In a forked child: drop our copy of the socket without touching locks. */
 P11G_HIDDEN void p11g_conn_abandon(struct p11g_conn *c);
 
+/* Copies the reason of the last TLS failure on c ("" if none) into buf. */
+P11G_HIDDEN void p11g_conn_tls_error(struct p11g_conn *c, char *buf, size_t len);
+/* Waits until fd is ready for `events`, the deadline passes (P11G_E_TIMEOUT)
+ * or, if slice_ms >= 0, slice_ms milliseconds pass (P11G_OK). */
+P11G_HIDDEN int p11g_wait_fd(int fd, short events, const struct timespec *deadline, int slice_ms);
+
+/* ---- TLS (tls.c, OpenSSL) ---------------------------------------------- */
+struct p11g_tls;
+
+/* Once per process, before the first TLS connection: initialise OpenSSL. */
+P11G_HIDDEN int p11g_tls_global_init(void);
+/* Handshake on the connected non-blocking socket fd, verifying the server's
+ * chain against cfg->ca_file and (unless disabled) its name.  On failure
+ * writes one line to err and returns P11G_E_*. */
+P11G_HIDDEN int p11g_tls_open(const struct p11g_config *cfg, int fd,
+                              const struct timespec *deadline, struct p11g_tls **out, char *err,
+                              size_t errlen);
+/* One SSL_read / SSL_write under the object's lock.  > 0: bytes moved;
+ * 0: retry after fd is ready for *events; -1: end of stream or TLS failure
+ * (the reason is kept for p11g_tls_error).  A write must be retried with the
+ * same arguments. */
+P11G_HIDDEN long p11g_tls_recv(struct p11g_tls *t, void *buf, size_t n, short *events);
+P11G_HIDDEN long p11g_tls_send(struct p11g_tls *t, const void *buf, size_t n, short *events);
+/* Best effort, never blocks: a close_notify alert if the session is healthy. */
+P11G_HIDDEN void p11g_tls_close_notify(struct p11g_tls *t);
+P11G_HIDDEN void p11g_tls_error(struct p11g_tls *t, char *buf, size_t len);
+P11G_HIDDEN void p11g_tls_free(struct p11g_tls *t);
+
 /* ---- table-driven codec (codec.c) ------------------------------------- */
 enum { P11G_T_IN = 0, P11G_T_OUT = 1 };
 
@@ -120,6 +157,7 @@ struct p11g_res {
 struct p11g_reply {
     uint8_t *buf;
     size_t len;
+    unsigned version; /* the protocol version the call went out with (v4.h) */
 };
 
 /* Encodes a call to `proc` from args, runs it on c and decodes the reply into

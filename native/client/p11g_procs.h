@@ -241,4 +241,547 @@ static const struct p11g_struct_desc p11g_structs[P11G_STRUCT_COUNT] = {
     {'n', P11G_MECHANISM_INFO_NFIELDS, p11g_fields_mechanism_info},
 };
 
+/* ==== protocol version 4 (docs/protocol.md) ==================================
+ * Extra kind letters: X typed mechanism, Y typed parameter, Z typed template.
+ */
+#define P11G_RPC_VERSION4 4
+#define P11G_OUT_LEN_NULL 0xFFFFFFFFFFFFFFFFull
+#define P11G_PROC4_MIN 2
+#define P11G_PROC4_MAX 93
+#define P11G_PROC4_COUNT 92
+#define P11G_PROC_GetInterfaceInfo 71
+#define P11G_PROC_LoginUser 72
+#define P11G_PROC_SessionCancel 73
+#define P11G_PROC_MessageEncryptInit 74
+#define P11G_PROC_EncryptMessage 75
+#define P11G_PROC_EncryptMessageBegin 76
+#define P11G_PROC_EncryptMessageNext 77
+#define P11G_PROC_MessageEncryptFinal 78
+#define P11G_PROC_MessageDecryptInit 79
+#define P11G_PROC_DecryptMessage 80
+#define P11G_PROC_DecryptMessageBegin 81
+#define P11G_PROC_DecryptMessageNext 82
+#define P11G_PROC_MessageDecryptFinal 83
+#define P11G_PROC_MessageSignInit 84
+#define P11G_PROC_SignMessage 85
+#define P11G_PROC_SignMessageBegin 86
+#define P11G_PROC_SignMessageNext 87
+#define P11G_PROC_MessageSignFinal 88
+#define P11G_PROC_MessageVerifyInit 89
+#define P11G_PROC_VerifyMessage 90
+#define P11G_PROC_VerifyMessageBegin 91
+#define P11G_PROC_VerifyMessageNext 92
+#define P11G_PROC_MessageVerifyFinal 93
+
+/* Indexed by procedure number - P11G_PROC4_MIN. */
+static const struct p11g_proc_desc p11g_procs4[P11G_PROC4_COUNT] = {
+    {.number = 2, .name = "SetupArch", .args = "H", .result = "H"},
+    {.number = 3, .name = "Initialize", .args = "H", .result = "H"},
+    {.number = 4, .name = "GetSlotList", .args = "HH", .result = "HLH"},
+    {.number = 5, .name = "GetInfo", .args = "", .result = "Hi"},
+    {.number = 6, .name = "WaitForSlotEvent", .args = "H", .result = "HH"},
+    {.number = 7, .name = "GetSlotInfo", .args = "H", .result = "Hs"},
+    {.number = 8, .name = "GetTokenInfo", .args = "H", .result = "Hk"},
+    {.number = 9, .name = "Login", .args = "HHO", .result = "H"},
+    {.number = 10, .name = "Logout", .args = "H", .result = "H"},
+    {.number = 11, .name = "OpenSession", .args = "HH", .result = "HH"},
+    {.number = 12, .name = "CloseSession", .args = "H", .result = "H"},
+    {.number = 13, .name = "Finalize", .args = "", .result = "H"},
+    {.number = 14, .name = "GetMechanismList", .args = "HH", .result = "HLH"},
+    {.number = 15, .name = "CloseAllSessions", .args = "H", .result = "H"},
+    {.number = 16, .name = "GetSessionInfo", .args = "H", .result = "He"},
+    {.number = 17, .name = "GetMechanismInfo", .args = "HH", .result = "Hn"},
+    {.number = 18, .name = "InitPIN", .args = "HO", .result = "H"},
+    {.number = 19, .name = "SetPIN", .args = "HOO", .result = "H"},
+    {.number = 20, .name = "SeedRandom", .args = "HO", .result = "H"},
+    {.number = 21, .name = "InitToken", .args = "HOO", .result = "H"},
+    {.number = 22, .name = "GenerateRandom", .args = "HH", .result = "HO"},
+    {.number = 23, .name = "FindObjectsInit", .args = "HZ", .result = "H"},
+    {.number = 24, .name = "FindObjects", .args = "HH", .result = "HLH"},
+    {.number = 25, .name = "FindObjectsFinal", .args = "H", .result = "H"},
+    {.number = 26, .name = "GenerateKey", .args = "HXZ", .result = "HH"},
+    {.number = 27, .name = "GenerateKeyPair", .args = "HXZZ", .result = "HHH"},
+    {.number = 28, .name = "CreateObject", .args = "HZ", .result = "HH"},
+    {.number = 29, .name = "CopyObject", .args = "HHZ", .result = "HH"},
+    {.number = 30, .name = "DestroyObject", .args = "HH", .result = "H"},
+    {.number = 31, .name = "GetAttributeValue", .args = "HHL", .result = "HZ"},
+    {.number = 32, .name = "SetAttributeValue", .args = "HHZ", .result = "H"},
+    {.number = 33, .name = "GetObjectSize", .args = "HH", .result = "HH"},
+    {.number = 34, .name = "WrapKey", .args = "HXHHH", .result = "HOH"},
+    {.number = 35, .name = "UnwrapKey", .args = "HXHOZ", .result = "HH"},
+    {.number = 36, .name = "DeriveKey", .args = "HXHZ", .result = "HH"},
+    {.number = 37, .name = "DigestInit", .args = "HX", .result = "H"},
+    {.number = 38, .name = "Digest", .args = "HOH", .result = "HOH"},
+    {.number = 39, .name = "DigestUpdate", .args = "HO", .result = "H"},
+    {.number = 40, .name = "DigestFinal", .args = "HH", .result = "HOH"},
+    {.number = 41, .name = "DigestKey", .args = "HH", .result = "H"},
+    {.number = 42, .name = "SignInit", .args = "HXH", .result = "H"},
+    {.number = 43, .name = "Sign", .args = "HOH", .result = "HOH"},
+    {.number = 44, .name = "SignUpdate", .args = "HO", .result = "H"},
+    {.number = 45, .name = "SignFinal", .args = "HH", .result = "HOH"},
+    {.number = 46, .name = "VerifyInit", .args = "HXH", .result = "H"},
+    {.number = 47, .name = "Verify", .args = "HOO", .result = "H"},
+    {.number = 48, .name = "VerifyUpdate", .args = "HO", .result = "H"},
+    {.number = 49, .name = "VerifyFinal", .args = "HO", .result = "H"},
+    {.number = 50, .name = "EncryptInit", .args = "HXH", .result = "H"},
+    {.number = 51, .name = "Encrypt", .args = "HOH", .result = "HOH"},
+    {.number = 52, .name = "EncryptUpdate", .args = "HOH", .result = "HOH"},
+    {.number = 53, .name = "EncryptFinal", .args = "HH", .result = "HOH"},
+    {.number = 54, .name = "DecryptInit", .args = "HXH", .result = "H"},
+    {.number = 55, .name = "Decrypt", .args = "HOH", .result = "HOH"},
+    {.number = 56, .name = "DecryptUpdate", .args = "HOH", .result = "HOH"},
+    {.number = 57, .name = "DecryptFinal", .args = "HH", .result = "HOH"},
+    {.number = 58, .name = "SignRecoverInit", .args = "HXH", .result = "H"},
+    {.number = 59, .name = "SignRecover", .args = "HOH", .result = "HOH"},
+    {.number = 60, .name = "VerifyRecoverInit", .args = "HXH", .result = "H"},
+    {.number = 61, .name = "VerifyRecover", .args = "HOH", .result = "HOH"},
+    {.number = 62, .name = "DigestEncryptUpdate", .args = "HOH", .result = "HOH"},
+    {.number = 63, .name = "SignEncryptUpdate", .args = "HOH", .result = "HOH"},
+    {.number = 64, .name = "DecryptDigestUpdate", .args = "HOH", .result = "HOH"},
+    {.number = 65, .name = "DecryptVerifyUpdate", .args = "HOH", .result = "HOH"},
+    {.number = 66, .name = "GetOperationState", .args = "HH", .result = "HOH"},
+    {.number = 67, .name = "SetOperationState", .args = "HOHH", .result = "H"},
+    {.number = 68, .name = "GetFunctionStatus", .args = "H", .result = "H"},
+    {.number = 69, .name = "CancelFunction", .args = "H", .result = "H"},
+    {.number = 70, .name = "LoadModule", .args = "O", .result = "H"},
+    {.number = 71, .name = "GetInterfaceInfo", .args = "", .result = "HHHHL"},
+    {.number = 72, .name = "LoginUser", .args = "HHOO", .result = "H"},
+    {.number = 73, .name = "SessionCancel", .args = "HH", .result = "H"},
+    {.number = 74, .name = "MessageEncryptInit", .args = "HXH", .result = "H"},
+    {.number = 75, .name = "EncryptMessage", .args = "HYOOH", .result = "HYOH"},
+    {.number = 76, .name = "EncryptMessageBegin", .args = "HYO", .result = "HY"},
+    {.number = 77, .name = "EncryptMessageNext", .args = "HYOHH", .result = "HYOH"},
+    {.number = 78, .name = "MessageEncryptFinal", .args = "H", .result = "H"},
+    {.number = 79, .name = "MessageDecryptInit", .args = "HXH", .result = "H"},
+    {.number = 80, .name = "DecryptMessage", .args = "HYOOH", .result = "HYOH"},
+    {.number = 81, .name = "DecryptMessageBegin", .args = "HYO", .result = "HY"},
+    {.number = 82, .name = "DecryptMessageNext", .args = "HYOHH", .result = "HYOH"},
+    {.number = 83, .name = "MessageDecryptFinal", .args = "H", .result = "H"},
+    {.number = 84, .name = "MessageSignInit", .args = "HXH", .result = "H"},
+    {.number = 85, .name = "SignMessage", .args = "HYOH", .result = "HOH"},
+    {.number = 86, .name = "SignMessageBegin", .args = "HY", .result = "H"},
+    {.number = 87, .name = "SignMessageNext", .args = "HYOHH", .result = "HOH"},
+    {.number = 88, .name = "MessageSignFinal", .args = "H", .result = "H"},
+    {.number = 89, .name = "MessageVerifyInit", .args = "HXH", .result = "H"},
+    {.number = 90, .name = "VerifyMessage", .args = "HYOO", .result = "H"},
+    {.number = 91, .name = "VerifyMessageBegin", .args = "HY", .result = "H"},
+    {.number = 92, .name = "VerifyMessageNext", .args = "HYOHO", .result = "H"},
+    {.number = 93, .name = "MessageVerifyFinal", .args = "H", .result = "H"},
+};
+
+/* Typed mechanism parameters: tags (wire/mechanisms.py). */
+#define P11G_TAG_NONE 0
+#define P11G_TAG_BYTES 1
+#define P11G_TAG_ULONG 2
+#define P11G_TAG_RSA_PKCS_PSS 3
+#define P11G_TAG_RSA_PKCS_OAEP 4
+#define P11G_TAG_GCM 5
+#define P11G_TAG_CCM 6
+#define P11G_TAG_AES_CTR 7
+#define P11G_TAG_ECDH1_DERIVE 8
+#define P11G_TAG_KEY_DERIVATION_STRING 9
+#define P11G_TAG_AES_CBC_ENCRYPT_DATA 10
+#define P11G_TAG_DES_CBC_ENCRYPT_DATA 11
+#define P11G_TAG_PKCS5_PBKD2 12
+#define P11G_TAG_PKCS5_PBKD2_2 13
+#define P11G_TAG_HKDF 14
+#define P11G_TAG_EDDSA 15
+#define P11G_TAG_ECDH_AES_KEY_WRAP 16
+#define P11G_TAG_RSA_AES_KEY_WRAP 17
+#define P11G_TAG_X9_42_DH1_DERIVE 18
+#define P11G_TAG_CHACHA20_POLY1305 19
+#define P11G_TAG_CHACHA20 20
+#define P11G_TAG_GCM_MESSAGE 21
+#define P11G_TAG_CCM_MESSAGE 22
+#define P11G_TAG_CHACHA20_POLY1305_MESSAGE 23
+#define P11G_TAG_RAW 24
+#define P11G_TAG_COUNT 25
+
+/* The C structures the server builds (pkcs11/_cdef_params.py), renamed. */
+typedef struct p11g_CK_RSA_PKCS_PSS_PARAMS {
+    CK_ULONG hashAlg; CK_ULONG mgf; CK_ULONG sLen;
+} p11g_CK_RSA_PKCS_PSS_PARAMS;
+
+typedef struct p11g_CK_RSA_PKCS_OAEP_PARAMS {
+    CK_ULONG hashAlg; CK_ULONG mgf; CK_ULONG source;
+    void *pSourceData; CK_ULONG ulSourceDataLen;
+} p11g_CK_RSA_PKCS_OAEP_PARAMS;
+
+typedef struct p11g_CK_GCM_PARAMS {
+    CK_BYTE *pIv; CK_ULONG ulIvLen; CK_ULONG ulIvBits;
+    CK_BYTE *pAAD; CK_ULONG ulAADLen; CK_ULONG ulTagBits;
+} p11g_CK_GCM_PARAMS;
+
+typedef struct p11g_CK_CCM_PARAMS {
+    CK_ULONG ulDataLen; CK_BYTE *pNonce; CK_ULONG ulNonceLen;
+    CK_BYTE *pAAD; CK_ULONG ulAADLen; CK_ULONG ulMACLen;
+} p11g_CK_CCM_PARAMS;
+
+typedef struct p11g_CK_AES_CTR_PARAMS {
+    CK_ULONG ulCounterBits; CK_BYTE cb[16];
+} p11g_CK_AES_CTR_PARAMS;
+
+typedef struct p11g_CK_ECDH1_DERIVE_PARAMS {
+    CK_ULONG kdf; CK_ULONG ulSharedDataLen; CK_BYTE *pSharedData;
+    CK_ULONG ulPublicDataLen; CK_BYTE *pPublicData;
+} p11g_CK_ECDH1_DERIVE_PARAMS;
+
+typedef struct p11g_CK_KEY_DERIVATION_STRING_DATA {
+    CK_BYTE *pData; CK_ULONG ulLen;
+} p11g_CK_KEY_DERIVATION_STRING_DATA;
+
+typedef struct p11g_CK_AES_CBC_ENCRYPT_DATA_PARAMS {
+    CK_BYTE iv[16]; CK_BYTE *pData; CK_ULONG length;
+} p11g_CK_AES_CBC_ENCRYPT_DATA_PARAMS;
+
+typedef struct p11g_CK_DES_CBC_ENCRYPT_DATA_PARAMS {
+    CK_BYTE iv[8]; CK_BYTE *pData; CK_ULONG length;
+} p11g_CK_DES_CBC_ENCRYPT_DATA_PARAMS;
+
+typedef struct p11g_CK_PKCS5_PBKD2_PARAMS {
+    CK_ULONG saltSource; void *pSaltSourceData; CK_ULONG ulSaltSourceDataLen;
+    CK_ULONG iterations; CK_ULONG prf; void *pPrfData; CK_ULONG ulPrfDataLen;
+    CK_BYTE *pPassword; CK_ULONG *ulPasswordLen;
+} p11g_CK_PKCS5_PBKD2_PARAMS;
+
+typedef struct p11g_CK_PKCS5_PBKD2_PARAMS2 {
+    CK_ULONG saltSource; void *pSaltSourceData; CK_ULONG ulSaltSourceDataLen;
+    CK_ULONG iterations; CK_ULONG prf; void *pPrfData; CK_ULONG ulPrfDataLen;
+    CK_BYTE *pPassword; CK_ULONG ulPasswordLen;
+} p11g_CK_PKCS5_PBKD2_PARAMS2;
+
+typedef struct p11g_CK_HKDF_PARAMS {
+    CK_BBOOL bExtract; CK_BBOOL bExpand; CK_ULONG prfHashMechanism; CK_ULONG ulSaltType;
+    CK_BYTE *pSalt; CK_ULONG ulSaltLen; CK_ULONG hSaltKey;
+    CK_BYTE *pInfo; CK_ULONG ulInfoLen;
+} p11g_CK_HKDF_PARAMS;
+
+typedef struct p11g_CK_EDDSA_PARAMS {
+    CK_BBOOL phFlag; CK_ULONG ulContextDataLen; CK_BYTE *pContextData;
+} p11g_CK_EDDSA_PARAMS;
+
+typedef struct p11g_CK_ECDH_AES_KEY_WRAP_PARAMS {
+    CK_ULONG ulAESKeyBits; CK_ULONG kdf; CK_ULONG ulSharedDataLen; CK_BYTE *pSharedData;
+} p11g_CK_ECDH_AES_KEY_WRAP_PARAMS;
+
+typedef struct p11g_CK_RSA_AES_KEY_WRAP_PARAMS {
+    CK_ULONG ulAESKeyBits; p11g_CK_RSA_PKCS_OAEP_PARAMS *pOAEPParams;
+} p11g_CK_RSA_AES_KEY_WRAP_PARAMS;
+
+typedef struct p11g_CK_X9_42_DH1_DERIVE_PARAMS {
+    CK_ULONG kdf; CK_ULONG ulOtherInfoLen; CK_BYTE *pOtherInfo;
+    CK_ULONG ulPublicDataLen; CK_BYTE *pPublicData;
+} p11g_CK_X9_42_DH1_DERIVE_PARAMS;
+
+typedef struct p11g_CK_SALSA20_CHACHA20_POLY1305_PARAMS {
+    CK_BYTE *pNonce; CK_ULONG ulNonceLen; CK_BYTE *pAAD; CK_ULONG ulAADLen;
+} p11g_CK_SALSA20_CHACHA20_POLY1305_PARAMS;
+
+typedef struct p11g_CK_CHACHA20_PARAMS {
+    CK_BYTE *pBlockCounter; CK_ULONG blockCounterBits; CK_BYTE *pNonce; CK_ULONG ulNonceBits;
+} p11g_CK_CHACHA20_PARAMS;
+
+typedef struct p11g_CK_GCM_MESSAGE_PARAMS {
+    CK_BYTE *pIv; CK_ULONG ulIvLen; CK_ULONG ulIvFixedBits; CK_ULONG ivGenerator;
+    CK_BYTE *pTag; CK_ULONG ulTagBits;
+} p11g_CK_GCM_MESSAGE_PARAMS;
+
+typedef struct p11g_CK_CCM_MESSAGE_PARAMS {
+    CK_ULONG ulDataLen; CK_BYTE *pNonce; CK_ULONG ulNonceLen; CK_ULONG ulNonceFixedBits;
+    CK_ULONG nonceGenerator; CK_BYTE *pMAC; CK_ULONG ulMACLen;
+} p11g_CK_CCM_MESSAGE_PARAMS;
+
+typedef struct p11g_CK_SALSA20_CHACHA20_POLY1305_MSG_PARAMS {
+    CK_BYTE *pNonce; CK_ULONG ulNonceLen; CK_BYTE *pTag;
+} p11g_CK_SALSA20_CHACHA20_POLY1305_MSG_PARAMS;
+
+#define P11G_FT_ULONG 0   /* a CK_ULONG or CK_BBOOL member */
+#define P11G_FT_PTRLEN 1  /* a pointer and its length member */
+#define P11G_FT_PTR 2     /* a pointer; size fixed or (bits + 7) / 8 of field `bits` */
+#define P11G_FT_PTRPLEN 3 /* a pointer and a pointer to its length */
+#define P11G_FT_ARRAY 4   /* a CK_BYTE array member */
+struct p11g_pfield {
+    char code;      /* wire: 'h' hyper, 'o' opaque<>, 'f' opaque of exactly `fixed` */
+    unsigned char target;
+    unsigned fixed; /* 'f' fields */
+    int bits;       /* index of the field holding this buffer's size in bits, or -1 */
+    size_t off, len_off, size; /* size: of the member (h, array) */
+};
+struct p11g_pshape {
+    unsigned tag;
+    const char *name;
+    size_t struct_size; /* 0: no C structure (NONE, BYTES, ULONG, RAW) */
+    unsigned nfields;
+    const struct p11g_pfield *fields;
+};
+
+static const struct p11g_pfield p11g_pfields_RSA_PKCS_PSS[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_RSA_PKCS_PSS_PARAMS, hashAlg), 0, sizeof((((p11g_CK_RSA_PKCS_PSS_PARAMS *)0)->hashAlg))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_RSA_PKCS_PSS_PARAMS, mgf), 0, sizeof((((p11g_CK_RSA_PKCS_PSS_PARAMS *)0)->mgf))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_RSA_PKCS_PSS_PARAMS, sLen), 0, sizeof((((p11g_CK_RSA_PKCS_PSS_PARAMS *)0)->sLen))},
+};
+static const struct p11g_pfield p11g_pfields_RSA_PKCS_OAEP[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_RSA_PKCS_OAEP_PARAMS, hashAlg), 0, sizeof((((p11g_CK_RSA_PKCS_OAEP_PARAMS *)0)->hashAlg))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_RSA_PKCS_OAEP_PARAMS, mgf), 0, sizeof((((p11g_CK_RSA_PKCS_OAEP_PARAMS *)0)->mgf))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_RSA_PKCS_OAEP_PARAMS, source), 0, sizeof((((p11g_CK_RSA_PKCS_OAEP_PARAMS *)0)->source))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_RSA_PKCS_OAEP_PARAMS, pSourceData), offsetof(p11g_CK_RSA_PKCS_OAEP_PARAMS, ulSourceDataLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_GCM[] = {
+    {'o', P11G_FT_PTRLEN, 0, 1, offsetof(p11g_CK_GCM_PARAMS, pIv), offsetof(p11g_CK_GCM_PARAMS, ulIvLen), 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_GCM_PARAMS, ulIvBits), 0, sizeof((((p11g_CK_GCM_PARAMS *)0)->ulIvBits))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_GCM_PARAMS, pAAD), offsetof(p11g_CK_GCM_PARAMS, ulAADLen), 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_GCM_PARAMS, ulTagBits), 0, sizeof((((p11g_CK_GCM_PARAMS *)0)->ulTagBits))},
+};
+static const struct p11g_pfield p11g_pfields_CCM[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_CCM_PARAMS, ulDataLen), 0, sizeof((((p11g_CK_CCM_PARAMS *)0)->ulDataLen))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_CCM_PARAMS, pNonce), offsetof(p11g_CK_CCM_PARAMS, ulNonceLen), 0},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_CCM_PARAMS, pAAD), offsetof(p11g_CK_CCM_PARAMS, ulAADLen), 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_CCM_PARAMS, ulMACLen), 0, sizeof((((p11g_CK_CCM_PARAMS *)0)->ulMACLen))},
+};
+static const struct p11g_pfield p11g_pfields_AES_CTR[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_AES_CTR_PARAMS, ulCounterBits), 0, sizeof((((p11g_CK_AES_CTR_PARAMS *)0)->ulCounterBits))},
+    {'f', P11G_FT_ARRAY, 16, -1, offsetof(p11g_CK_AES_CTR_PARAMS, cb), 0, sizeof((((p11g_CK_AES_CTR_PARAMS *)0)->cb))},
+};
+static const struct p11g_pfield p11g_pfields_ECDH1_DERIVE[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_ECDH1_DERIVE_PARAMS, kdf), 0, sizeof((((p11g_CK_ECDH1_DERIVE_PARAMS *)0)->kdf))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_ECDH1_DERIVE_PARAMS, pSharedData), offsetof(p11g_CK_ECDH1_DERIVE_PARAMS, ulSharedDataLen), 0},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_ECDH1_DERIVE_PARAMS, pPublicData), offsetof(p11g_CK_ECDH1_DERIVE_PARAMS, ulPublicDataLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_KEY_DERIVATION_STRING[] = {
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_KEY_DERIVATION_STRING_DATA, pData), offsetof(p11g_CK_KEY_DERIVATION_STRING_DATA, ulLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_AES_CBC_ENCRYPT_DATA[] = {
+    {'f', P11G_FT_ARRAY, 16, -1, offsetof(p11g_CK_AES_CBC_ENCRYPT_DATA_PARAMS, iv), 0, sizeof((((p11g_CK_AES_CBC_ENCRYPT_DATA_PARAMS *)0)->iv))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_AES_CBC_ENCRYPT_DATA_PARAMS, pData), offsetof(p11g_CK_AES_CBC_ENCRYPT_DATA_PARAMS, length), 0},
+};
+static const struct p11g_pfield p11g_pfields_DES_CBC_ENCRYPT_DATA[] = {
+    {'f', P11G_FT_ARRAY, 8, -1, offsetof(p11g_CK_DES_CBC_ENCRYPT_DATA_PARAMS, iv), 0, sizeof((((p11g_CK_DES_CBC_ENCRYPT_DATA_PARAMS *)0)->iv))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_DES_CBC_ENCRYPT_DATA_PARAMS, pData), offsetof(p11g_CK_DES_CBC_ENCRYPT_DATA_PARAMS, length), 0},
+};
+static const struct p11g_pfield p11g_pfields_PKCS5_PBKD2[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, saltSource), 0, sizeof((((p11g_CK_PKCS5_PBKD2_PARAMS *)0)->saltSource))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, pSaltSourceData), offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, ulSaltSourceDataLen), 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, iterations), 0, sizeof((((p11g_CK_PKCS5_PBKD2_PARAMS *)0)->iterations))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, prf), 0, sizeof((((p11g_CK_PKCS5_PBKD2_PARAMS *)0)->prf))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, pPrfData), offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, ulPrfDataLen), 0},
+    {'o', P11G_FT_PTRPLEN, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, pPassword), offsetof(p11g_CK_PKCS5_PBKD2_PARAMS, ulPasswordLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_PKCS5_PBKD2_2[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, saltSource), 0, sizeof((((p11g_CK_PKCS5_PBKD2_PARAMS2 *)0)->saltSource))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, pSaltSourceData), offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, ulSaltSourceDataLen), 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, iterations), 0, sizeof((((p11g_CK_PKCS5_PBKD2_PARAMS2 *)0)->iterations))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, prf), 0, sizeof((((p11g_CK_PKCS5_PBKD2_PARAMS2 *)0)->prf))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, pPrfData), offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, ulPrfDataLen), 0},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, pPassword), offsetof(p11g_CK_PKCS5_PBKD2_PARAMS2, ulPasswordLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_HKDF[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_HKDF_PARAMS, bExtract), 0, sizeof((((p11g_CK_HKDF_PARAMS *)0)->bExtract))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_HKDF_PARAMS, bExpand), 0, sizeof((((p11g_CK_HKDF_PARAMS *)0)->bExpand))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_HKDF_PARAMS, prfHashMechanism), 0, sizeof((((p11g_CK_HKDF_PARAMS *)0)->prfHashMechanism))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_HKDF_PARAMS, ulSaltType), 0, sizeof((((p11g_CK_HKDF_PARAMS *)0)->ulSaltType))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_HKDF_PARAMS, pSalt), offsetof(p11g_CK_HKDF_PARAMS, ulSaltLen), 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_HKDF_PARAMS, hSaltKey), 0, sizeof((((p11g_CK_HKDF_PARAMS *)0)->hSaltKey))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_HKDF_PARAMS, pInfo), offsetof(p11g_CK_HKDF_PARAMS, ulInfoLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_EDDSA[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_EDDSA_PARAMS, phFlag), 0, sizeof((((p11g_CK_EDDSA_PARAMS *)0)->phFlag))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_EDDSA_PARAMS, pContextData), offsetof(p11g_CK_EDDSA_PARAMS, ulContextDataLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_ECDH_AES_KEY_WRAP[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_ECDH_AES_KEY_WRAP_PARAMS, ulAESKeyBits), 0, sizeof((((p11g_CK_ECDH_AES_KEY_WRAP_PARAMS *)0)->ulAESKeyBits))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_ECDH_AES_KEY_WRAP_PARAMS, kdf), 0, sizeof((((p11g_CK_ECDH_AES_KEY_WRAP_PARAMS *)0)->kdf))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_ECDH_AES_KEY_WRAP_PARAMS, pSharedData), offsetof(p11g_CK_ECDH_AES_KEY_WRAP_PARAMS, ulSharedDataLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_X9_42_DH1_DERIVE[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_X9_42_DH1_DERIVE_PARAMS, kdf), 0, sizeof((((p11g_CK_X9_42_DH1_DERIVE_PARAMS *)0)->kdf))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_X9_42_DH1_DERIVE_PARAMS, pOtherInfo), offsetof(p11g_CK_X9_42_DH1_DERIVE_PARAMS, ulOtherInfoLen), 0},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_X9_42_DH1_DERIVE_PARAMS, pPublicData), offsetof(p11g_CK_X9_42_DH1_DERIVE_PARAMS, ulPublicDataLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_CHACHA20_POLY1305[] = {
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_SALSA20_CHACHA20_POLY1305_PARAMS, pNonce), offsetof(p11g_CK_SALSA20_CHACHA20_POLY1305_PARAMS, ulNonceLen), 0},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_SALSA20_CHACHA20_POLY1305_PARAMS, pAAD), offsetof(p11g_CK_SALSA20_CHACHA20_POLY1305_PARAMS, ulAADLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_CHACHA20[] = {
+    {'o', P11G_FT_PTR, 0, 1, offsetof(p11g_CK_CHACHA20_PARAMS, pBlockCounter), 0, 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_CHACHA20_PARAMS, blockCounterBits), 0, sizeof((((p11g_CK_CHACHA20_PARAMS *)0)->blockCounterBits))},
+    {'o', P11G_FT_PTR, 0, 3, offsetof(p11g_CK_CHACHA20_PARAMS, pNonce), 0, 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_CHACHA20_PARAMS, ulNonceBits), 0, sizeof((((p11g_CK_CHACHA20_PARAMS *)0)->ulNonceBits))},
+};
+static const struct p11g_pfield p11g_pfields_GCM_MESSAGE[] = {
+    {'o', P11G_FT_PTRLEN, 0, 1, offsetof(p11g_CK_GCM_MESSAGE_PARAMS, pIv), offsetof(p11g_CK_GCM_MESSAGE_PARAMS, ulIvLen), 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_GCM_MESSAGE_PARAMS, ulIvFixedBits), 0, sizeof((((p11g_CK_GCM_MESSAGE_PARAMS *)0)->ulIvFixedBits))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_GCM_MESSAGE_PARAMS, ivGenerator), 0, sizeof((((p11g_CK_GCM_MESSAGE_PARAMS *)0)->ivGenerator))},
+    {'o', P11G_FT_PTR, 0, 4, offsetof(p11g_CK_GCM_MESSAGE_PARAMS, pTag), 0, 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_GCM_MESSAGE_PARAMS, ulTagBits), 0, sizeof((((p11g_CK_GCM_MESSAGE_PARAMS *)0)->ulTagBits))},
+};
+static const struct p11g_pfield p11g_pfields_CCM_MESSAGE[] = {
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_CCM_MESSAGE_PARAMS, ulDataLen), 0, sizeof((((p11g_CK_CCM_MESSAGE_PARAMS *)0)->ulDataLen))},
+    {'o', P11G_FT_PTRLEN, 0, 2, offsetof(p11g_CK_CCM_MESSAGE_PARAMS, pNonce), offsetof(p11g_CK_CCM_MESSAGE_PARAMS, ulNonceLen), 0},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_CCM_MESSAGE_PARAMS, ulNonceFixedBits), 0, sizeof((((p11g_CK_CCM_MESSAGE_PARAMS *)0)->ulNonceFixedBits))},
+    {'h', P11G_FT_ULONG, 0, -1, offsetof(p11g_CK_CCM_MESSAGE_PARAMS, nonceGenerator), 0, sizeof((((p11g_CK_CCM_MESSAGE_PARAMS *)0)->nonceGenerator))},
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_CCM_MESSAGE_PARAMS, pMAC), offsetof(p11g_CK_CCM_MESSAGE_PARAMS, ulMACLen), 0},
+};
+static const struct p11g_pfield p11g_pfields_CHACHA20_POLY1305_MESSAGE[] = {
+    {'o', P11G_FT_PTRLEN, 0, -1, offsetof(p11g_CK_SALSA20_CHACHA20_POLY1305_MSG_PARAMS, pNonce), offsetof(p11g_CK_SALSA20_CHACHA20_POLY1305_MSG_PARAMS, ulNonceLen), 0},
+    {'f', P11G_FT_PTR, 16, -1, offsetof(p11g_CK_SALSA20_CHACHA20_POLY1305_MSG_PARAMS, pTag), 0, 0},
+};
+static const struct p11g_pshape p11g_pshapes[P11G_TAG_COUNT] = {
+    {0, "NONE", 0, 0, NULL}, /* "" */
+    {1, "BYTES", 0, 0, NULL}, /* "o" */
+    {2, "ULONG", sizeof(CK_ULONG), 0, NULL}, /* "h" */
+    {3, "RSA_PKCS_PSS", sizeof(p11g_CK_RSA_PKCS_PSS_PARAMS), 3, p11g_pfields_RSA_PKCS_PSS},
+    {4, "RSA_PKCS_OAEP", sizeof(p11g_CK_RSA_PKCS_OAEP_PARAMS), 4, p11g_pfields_RSA_PKCS_OAEP},
+    {5, "GCM", sizeof(p11g_CK_GCM_PARAMS), 4, p11g_pfields_GCM},
+    {6, "CCM", sizeof(p11g_CK_CCM_PARAMS), 4, p11g_pfields_CCM},
+    {7, "AES_CTR", sizeof(p11g_CK_AES_CTR_PARAMS), 2, p11g_pfields_AES_CTR},
+    {8, "ECDH1_DERIVE", sizeof(p11g_CK_ECDH1_DERIVE_PARAMS), 3, p11g_pfields_ECDH1_DERIVE},
+    {9, "KEY_DERIVATION_STRING", sizeof(p11g_CK_KEY_DERIVATION_STRING_DATA), 1, p11g_pfields_KEY_DERIVATION_STRING},
+    {10, "AES_CBC_ENCRYPT_DATA", sizeof(p11g_CK_AES_CBC_ENCRYPT_DATA_PARAMS), 2, p11g_pfields_AES_CBC_ENCRYPT_DATA},
+    {11, "DES_CBC_ENCRYPT_DATA", sizeof(p11g_CK_DES_CBC_ENCRYPT_DATA_PARAMS), 2, p11g_pfields_DES_CBC_ENCRYPT_DATA},
+    {12, "PKCS5_PBKD2", sizeof(p11g_CK_PKCS5_PBKD2_PARAMS), 6, p11g_pfields_PKCS5_PBKD2},
+    {13, "PKCS5_PBKD2_2", sizeof(p11g_CK_PKCS5_PBKD2_PARAMS2), 6, p11g_pfields_PKCS5_PBKD2_2},
+    {14, "HKDF", sizeof(p11g_CK_HKDF_PARAMS), 7, p11g_pfields_HKDF},
+    {15, "EDDSA", sizeof(p11g_CK_EDDSA_PARAMS), 2, p11g_pfields_EDDSA},
+    {16, "ECDH_AES_KEY_WRAP", sizeof(p11g_CK_ECDH_AES_KEY_WRAP_PARAMS), 3, p11g_pfields_ECDH_AES_KEY_WRAP},
+    {17, "RSA_AES_KEY_WRAP", sizeof(p11g_CK_RSA_AES_KEY_WRAP_PARAMS), 0, NULL}, /* "hhhho" */
+    {18, "X9_42_DH1_DERIVE", sizeof(p11g_CK_X9_42_DH1_DERIVE_PARAMS), 3, p11g_pfields_X9_42_DH1_DERIVE},
+    {19, "CHACHA20_POLY1305", sizeof(p11g_CK_SALSA20_CHACHA20_POLY1305_PARAMS), 2, p11g_pfields_CHACHA20_POLY1305},
+    {20, "CHACHA20", sizeof(p11g_CK_CHACHA20_PARAMS), 4, p11g_pfields_CHACHA20},
+    {21, "GCM_MESSAGE", sizeof(p11g_CK_GCM_MESSAGE_PARAMS), 5, p11g_pfields_GCM_MESSAGE},
+    {22, "CCM_MESSAGE", sizeof(p11g_CK_CCM_MESSAGE_PARAMS), 5, p11g_pfields_CCM_MESSAGE},
+    {23, "CHACHA20_POLY1305_MESSAGE", sizeof(p11g_CK_SALSA20_CHACHA20_POLY1305_MSG_PARAMS), 2, p11g_pfields_CHACHA20_POLY1305_MESSAGE},
+    {24, "RAW", 0, 0, NULL}, /* "o" */
+};
+
+/* Mechanism -> accepted tags (bit per tag), sorted (pkcs11/paramtable.py). */
+struct p11g_mech_tags {
+    unsigned long mech;
+    unsigned long tags;
+};
+#define P11G_MECH_TAGS_COUNT 107
+static const struct p11g_mech_tags p11g_mech_tags[P11G_MECH_TAGS_COUNT] = {
+    {0x9UL, 0x10UL},
+    {0xDUL, 0x8UL},
+    {0xEUL, 0x8UL},
+    {0x21UL, 0x2UL},
+    {0x31UL, 0x40000UL},
+    {0x43UL, 0x8UL},
+    {0x44UL, 0x8UL},
+    {0x45UL, 0x8UL},
+    {0x47UL, 0x8UL},
+    {0x4AUL, 0x4UL},
+    {0x4EUL, 0x4UL},
+    {0x52UL, 0x4UL},
+    {0x63UL, 0x8UL},
+    {0x64UL, 0x8UL},
+    {0x65UL, 0x8UL},
+    {0x67UL, 0x8UL},
+    {0x122UL, 0x2UL},
+    {0x124UL, 0x4UL},
+    {0x125UL, 0x2UL},
+    {0x133UL, 0x2UL},
+    {0x135UL, 0x4UL},
+    {0x136UL, 0x2UL},
+    {0x137UL, 0x4UL},
+    {0x142UL, 0x2UL},
+    {0x145UL, 0x2UL},
+    {0x150UL, 0x2UL},
+    {0x151UL, 0x2UL},
+    {0x152UL, 0x2UL},
+    {0x153UL, 0x2UL},
+    {0x212UL, 0x4UL},
+    {0x222UL, 0x4UL},
+    {0x232UL, 0x4UL},
+    {0x242UL, 0x4UL},
+    {0x252UL, 0x4UL},
+    {0x257UL, 0x4UL},
+    {0x262UL, 0x4UL},
+    {0x272UL, 0x4UL},
+    {0x2B2UL, 0x4UL},
+    {0x2B7UL, 0x4UL},
+    {0x2C2UL, 0x4UL},
+    {0x2D2UL, 0x4UL},
+    {0x302UL, 0x2UL},
+    {0x305UL, 0x2UL},
+    {0x312UL, 0x2UL},
+    {0x315UL, 0x2UL},
+    {0x322UL, 0x2UL},
+    {0x325UL, 0x2UL},
+    {0x342UL, 0x2UL},
+    {0x345UL, 0x2UL},
+    {0x360UL, 0x4UL},
+    {0x362UL, 0x200UL},
+    {0x363UL, 0x200UL},
+    {0x364UL, 0x200UL},
+    {0x365UL, 0x4UL},
+    {0x3B0UL, 0x3000UL},
+    {0x552UL, 0x2UL},
+    {0x554UL, 0x4UL},
+    {0x555UL, 0x2UL},
+    {0x556UL, 0x200UL},
+    {0x557UL, 0x400UL},
+    {0x562UL, 0x2UL},
+    {0x564UL, 0x4UL},
+    {0x565UL, 0x2UL},
+    {0x566UL, 0x200UL},
+    {0x567UL, 0x400UL},
+    {0x652UL, 0x2UL},
+    {0x655UL, 0x2UL},
+    {0x656UL, 0x200UL},
+    {0x657UL, 0x400UL},
+    {0x1050UL, 0x100UL},
+    {0x1051UL, 0x100UL},
+    {0x1053UL, 0x10000UL},
+    {0x1054UL, 0x20000UL},
+    {0x1057UL, 0x8000UL},
+    {0x1082UL, 0x2UL},
+    {0x1084UL, 0x4UL},
+    {0x1085UL, 0x2UL},
+    {0x1086UL, 0x80UL},
+    {0x1087UL, 0x200020UL},
+    {0x1088UL, 0x400040UL},
+    {0x1089UL, 0x2UL},
+    {0x108BUL, 0x4UL},
+    {0x1091UL, 0x2UL},
+    {0x1093UL, 0x2UL},
+    {0x1094UL, 0x2UL},
+    {0x1095UL, 0x2UL},
+    {0x1100UL, 0x200UL},
+    {0x1101UL, 0x800UL},
+    {0x1102UL, 0x200UL},
+    {0x1103UL, 0x800UL},
+    {0x1104UL, 0x200UL},
+    {0x1105UL, 0x400UL},
+    {0x1222UL, 0x2UL},
+    {0x1224UL, 0x2UL},
+    {0x1226UL, 0x100000UL},
+    {0x2104UL, 0x2UL},
+    {0x2105UL, 0x2UL},
+    {0x2106UL, 0x2UL},
+    {0x2107UL, 0x2UL},
+    {0x2108UL, 0x2UL},
+    {0x2109UL, 0x2UL},
+    {0x210AUL, 0x2UL},
+    {0x210BUL, 0x2UL},
+    {0x4021UL, 0x880000UL},
+    {0x4022UL, 0x880000UL},
+    {0x402AUL, 0x4000UL},
+    {0x402BUL, 0x4000UL},
+};
+#define P11G_MESSAGE_TAGS 0xE00000UL
+
+/* Typed template value kinds (wire/templates.py) and the attributes that
+ * hold each (pkcs11/attributes.py); any other attribute is BYTES. */
+#define P11G_VK_BYTES 0
+#define P11G_VK_ULONG 1
+#define P11G_VK_TEMPLATE 2
+#define P11G_VK_ULONG_ARRAY 3
+#define P11G_VK_UNAVAILABLE 4
+#define P11G_ATTRS_ULONG_COUNT 33
+static const unsigned long p11g_attrs_ulong[] = {0x0UL, 0x80UL, 0x87UL, 0x88UL, 0x8CUL, 0x100UL, 0x121UL, 0x133UL, 0x134UL, 0x160UL, 0x161UL, 0x166UL, 0x201UL, 0x220UL, 0x221UL, 0x222UL, 0x224UL, 0x225UL, 0x226UL, 0x227UL, 0x300UL, 0x400UL, 0x401UL, 0x402UL, 0x403UL, 0x404UL, 0x406UL, 0x500UL, 0x601UL, 0x603UL, 0x60FUL, 0x610UL, 0x611UL};
+#define P11G_ATTRS_ULONG_ARRAY_COUNT 1
+static const unsigned long p11g_attrs_ulong_array[] = {0x40000600UL};
+#define P11G_ATTRS_TEMPLATE_COUNT 3
+static const unsigned long p11g_attrs_template[] = {0x40000211UL, 0x40000212UL, 0x40000213UL};
+
 #endif /* P11G_PROCS_H */

@@ -10,7 +10,11 @@
  * Any I/O error, timeout or record that breaks the stream marks the connection
  * dead: the socket is shut down (which wakes a blocked reader), every waiting
  * call fails, and the module reports CKR_DEVICE_ERROR until C_Initialize
- * reconnects. */
+ * reconnects.
+ *
+ * TLS (tls.c) replaces send()/recv() by SSL_write()/SSL_read() on the same
+ * non-blocking socket; the locking above is unchanged, tls.c serialises the
+ * SSL calls themselves and never holds its lock while waiting. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netdb.h>
@@ -42,6 +46,8 @@ struct pending {
 struct p11g_conn {
     atomic_uint refs;
     int fd;
+    struct p11g_tls *tls; /* NULL: plain stream */
+    struct p11g_conn *next_abandoned;
     int timeout_s;
     size_t max_record;
     int serial;
@@ -75,25 +81,58 @@ static int ms_left(const struct timespec *deadline)
     return ms > 0x7fffffff ? 0x7fffffff : (int)ms;
 }
 
-/* Waits until fd is ready for `events` or the deadline passes. */
-static int wait_fd(int fd, short events, const struct timespec *deadline)
+int p11g_wait_fd(int fd, short events, const struct timespec *deadline, int slice_ms)
 {
     for (;;) {
         struct pollfd p = {.fd = fd, .events = events, .revents = 0};
         int left = ms_left(deadline);
-        int r = poll(&p, 1, left);
+        int sliced = slice_ms >= 0 && left > slice_ms;
+        int r = poll(&p, 1, sliced ? slice_ms : left);
         if (r > 0)
             return P11G_OK; /* readable, writable, or an error the next call reports */
         if (r == 0)
-            return P11G_E_TIMEOUT;
+            return sliced ? P11G_OK : P11G_E_TIMEOUT;
         if (errno != EINTR)
             return P11G_E_NET;
     }
 }
 
+static int wait_fd(int fd, short events, const struct timespec *deadline)
+{
+    return p11g_wait_fd(fd, events, deadline, -1);
+}
+
+/* A TLS wait is cut into slices: the SSL object is shared, and although the
+ * other thread's SSL call should never pull our bytes off the socket into
+ * its buffers (then poll() would not see them), a retry now and then makes
+ * that harmless rather than a timeout. */
+#define TLS_WAIT_SLICE_MS 250
+
+static int tls_send_all(struct p11g_conn *c, const uint8_t *p, size_t n,
+                        const struct timespec *deadline)
+{
+    while (n > 0) {
+        short ev = 0;
+        long w = p11g_tls_send(c->tls, p, n, &ev);
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+            continue;
+        }
+        if (w < 0)
+            return P11G_E_NET;
+        int r = p11g_wait_fd(c->fd, ev, deadline, TLS_WAIT_SLICE_MS);
+        if (r != P11G_OK)
+            return r;
+    }
+    return P11G_OK;
+}
+
 static int send_all(struct p11g_conn *c, const uint8_t *p, size_t n, int more,
                     const struct timespec *deadline)
 {
+    if (c->tls != NULL)
+        return tls_send_all(c, p, n, deadline);
     while (n > 0) {
         ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT | (more ? MSG_MORE : 0));
         if (w > 0) {
@@ -128,6 +167,30 @@ static int send_record(struct p11g_conn *c, uint8_t *msg, size_t len,
         return send_all(c, msg, len, 0, deadline);
     }
     const uint8_t *p = msg + 4;
+    if (c->tls != NULL) {
+        /* Every fragment with its mark in one buffer and one SSL_write: sent
+         * piecewise, each 4-byte mark would cost a TLS record of its own. */
+        size_t nfrag = (body + P11G_FRAGMENT_MAX - 1) / P11G_FRAGMENT_MAX;
+        uint8_t *all = malloc(body + 4 * nfrag);
+        if (all == NULL)
+            return P11G_E_NOMEM;
+        size_t at = 0;
+        while (body > 0) {
+            size_t n = body > P11G_FRAGMENT_MAX ? P11G_FRAGMENT_MAX : body;
+            uint32_t mark = (uint32_t)n | (n == body ? 0x80000000u : 0);
+            all[at] = (uint8_t)(mark >> 24);
+            all[at + 1] = (uint8_t)(mark >> 16);
+            all[at + 2] = (uint8_t)(mark >> 8);
+            all[at + 3] = (uint8_t)mark;
+            memcpy(all + at + 4, p, n);
+            at += 4 + n;
+            p += n;
+            body -= n;
+        }
+        int r = send_all(c, all, at, 0, deadline);
+        free(all);
+        return r;
+    }
     while (body > 0) {
         size_t n = body > P11G_FRAGMENT_MAX ? P11G_FRAGMENT_MAX : body;
         uint32_t mark = (uint32_t)n | (n == body ? 0x80000000u : 0);
@@ -161,6 +224,26 @@ static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct 
          * so that a record mark and a short reply cost one system call. */
         uint8_t *into = n >= RBUF_SIZE ? dst : c->rbuf;
         size_t cap = n >= RBUF_SIZE ? n : RBUF_SIZE;
+        if (c->tls != NULL) {
+            short ev = 0;
+            long r = p11g_tls_recv(c->tls, into, cap, &ev);
+            if (r < 0)
+                return P11G_E_NET; /* TLS failure or end of stream: the reason is kept */
+            if (r == 0) {
+                int w = p11g_wait_fd(c->fd, ev, deadline, TLS_WAIT_SLICE_MS);
+                if (w != P11G_OK)
+                    return w;
+                continue;
+            }
+            if (into == dst) {
+                dst += r;
+                n -= (size_t)r;
+            } else {
+                c->rpos = 0;
+                c->rlen = (size_t)r;
+            }
+            continue;
+        }
         ssize_t r = recv(c->fd, into, cap, MSG_DONTWAIT);
         if (r > 0) {
             if (into == dst) {
@@ -354,8 +437,17 @@ int p11g_conn_dead(struct p11g_conn *c)
 void p11g_conn_kill(struct p11g_conn *c)
 {
     pthread_mutex_lock(&c->lock);
+    /* A deliberate close (C_Finalize, unload) of a healthy TLS session says
+     * so with close_notify; a broken one is just cut. */
+    if (!c->dead && c->tls != NULL)
+        p11g_tls_close_notify(c->tls);
     kill_locked(c);
     pthread_mutex_unlock(&c->lock);
+}
+
+void p11g_conn_tls_error(struct p11g_conn *c, char *buf, size_t len)
+{
+    p11g_tls_error(c != NULL ? c->tls : NULL, buf, len);
 }
 
 void p11g_conn_ref(struct p11g_conn *c) { atomic_fetch_add(&c->refs, 1); }
@@ -364,6 +456,7 @@ void p11g_conn_unref(struct p11g_conn *c)
 {
     if (c == NULL || atomic_fetch_sub(&c->refs, 1) != 1)
         return;
+    p11g_tls_free(c->tls);
     if (c->fd >= 0)
         close(c->fd);
     pthread_mutex_destroy(&c->serial_lock);
@@ -373,15 +466,26 @@ void p11g_conn_unref(struct p11g_conn *c)
     free(c);
 }
 
+/* Connections dropped in forked children: kept reachable (they are never
+ * used again) so that leak checkers do not report them. */
+static struct p11g_conn *g_abandoned;
+
 void p11g_conn_abandon(struct p11g_conn *c)
 {
     /* Forked child: the parent keeps using this connection.  Close only our
      * descriptor (no shutdown(), which would cut the parent's stream too) and
-     * leak the struct, whose locks may be held by threads that do not exist here. */
-    if (c != NULL && c->fd >= 0) {
+     * leak the struct, whose locks may be held by threads that do not exist here.
+     * A TLS session is dropped the same way, without SSL_shutdown(): a
+     * close_notify from here would end the parent's session (and the SSL
+     * object may be in the middle of a call of a parent thread). */
+    if (c == NULL)
+        return;
+    if (c->fd >= 0) {
         close(c->fd);
         c->fd = -1;
     }
+    c->next_abandoned = g_abandoned;
+    g_abandoned = c;
 }
 
 static int connect_wait(int fd, const struct sockaddr *sa, socklen_t salen,
@@ -465,22 +569,28 @@ int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *
 {
     struct timespec deadline;
     *out = NULL;
-    if (cfg->transport == P11G_TLS) {
-        snprintf(err, errlen, "TLS transport is not available in this build yet");
-        return P11G_E_NET;
-    }
     deadline_after(&deadline, cfg->timeout_s);
     int fd = open_socket(cfg, &deadline, err, errlen);
     if (fd < 0)
         return P11G_E_NET;
+    struct p11g_tls *tls = NULL;
+    if (cfg->tls) {
+        int r = p11g_tls_open(cfg, fd, &deadline, &tls, err, errlen);
+        if (r != P11G_OK) {
+            close(fd);
+            return r;
+        }
+    }
     struct p11g_conn *c = calloc(1, sizeof *c);
     if (c == NULL) {
+        p11g_tls_free(tls);
         close(fd);
         snprintf(err, errlen, "out of memory");
         return P11G_E_NOMEM;
     }
     atomic_init(&c->refs, 1);
     c->fd = fd;
+    c->tls = tls;
     c->timeout_s = cfg->timeout_s;
     c->max_record = cfg->max_record;
     c->serial = cfg->serial;
