@@ -1,9 +1,16 @@
-"""Generate native/client/p11g_procs.h from the Python procedure table.
+"""Generate native/client/p11g_procs.h from the Python protocol tables.
 
 The C client's codec is a small interpreter over per-procedure "kind strings";
 this script writes those strings (and the struct layouts) from
 ``p11guard.wire.procedures`` so that the C and Python sides cannot drift apart.
 ``tests/unit/test_c_codec_generated.py`` fails when the committed header is stale.
+
+Protocol version 4 (docs/protocol.md) adds, from the same sources the server
+uses: the v4 procedure table, the typed-parameter tags and their wire fields
+(``wire/mechanisms.py``), where each field lives in the C structure
+(``pkcs11/cparams.py`` and ``_cdef_params.py``), which mechanism takes which
+tag (``pkcs11/paramtable.py``) and which attributes hold CK_ULONGs, CK_ULONG
+arrays or templates (``pkcs11/attributes.py``).
 
 Usage: ``python tools/gen_c_procs.py [--check] [OUTPUT]``
 """
@@ -11,8 +18,10 @@ Usage: ``python tools/gen_c_procs.py [--check] [OUTPUT]``
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -34,6 +43,10 @@ KIND_CHAR: dict[P.Kind, str] = {
     P.Kind.TOKEN_INFO: "k",
     P.Kind.SESSION_INFO: "e",
     P.Kind.MECHANISM_INFO: "n",
+    # Protocol version 4 only.
+    P.Kind.TYPED_MECHANISM: "X",
+    P.Kind.TYPED_PARAM: "Y",
+    P.Kind.TYPED_TEMPLATE: "Z",
 }
 
 # Struct field kinds in the C descriptor: 'h' hyper, 'v' version, 't' text.
@@ -130,8 +143,176 @@ def generate() -> str:
         w(f"    {{'{KIND_CHAR[kind]}', P11G_{cname}_NFIELDS, p11g_fields_{kind.value}}},")
     w("};")
     w("")
+    _generate_v4(w)
     w("#endif /* P11G_PROCS_H */")
     return "\n".join(out) + "\n"
+
+
+# --- protocol version 4 ---------------------------------------------------------------
+
+def _v4_sources() -> tuple[Any, Any, Any, Any, str]:
+    from p11guard.pkcs11 import attributes, cparams, paramtable
+    from p11guard.pkcs11._cdef_params import PARAMS_CDEF
+    from p11guard.wire import mechanisms
+    return attributes, cparams, paramtable, mechanisms, PARAMS_CDEF
+
+
+_STRUCT_NAME = re.compile(r"\b(CK_[A-Z0-9_]+)\b")
+
+
+def _c_structs(cdef: str) -> str:
+    """The server's declarations under p11g_ names (p11-kit's 2.40 header has
+    some of them, not all, and not always with the 3.0 members)."""
+    defined = set(re.findall(r"typedef struct (CK_\w+)", cdef))
+    return _STRUCT_NAME.sub(
+        lambda m: "p11g_" + m.group(1) if m.group(1) in defined else m.group(1), cdef
+    ).strip()
+
+
+# Field target kinds in the C descriptor (see cparams._TARGETS).
+_FT = {"ulong": "P11G_FT_ULONG", "ptrlen": "P11G_FT_PTRLEN", "ptr": "P11G_FT_PTR",
+       "ptrplen": "P11G_FT_PTRPLEN", "array": "P11G_FT_ARRAY"}
+
+
+def _field_rows(shape: Any, targets: str, bit_bounds: tuple[tuple[str, str], ...],
+                cstruct: str) -> list[str]:
+    rows = []
+    names = shape.field_names
+    bits_of = dict(bit_bounds)
+    for (fname, code), target in zip(shape.fields, targets.split(), strict=True):
+        fixed = int(code[1:]) if code.startswith("f") else 0
+        bits = names.index(bits_of[fname]) if fname in bits_of else -1
+        if target.endswith("[]"):
+            member = target[:-2]
+            rows.append(f"{{'{code[0]}', {_FT['array']}, {fixed}, {bits}, "
+                        f"offsetof({cstruct}, {member}), 0, sizeof(((({cstruct} *)0)->{member}))}}")
+        elif "/" in target:
+            ptr, ln = target.split("/")
+            if ln.startswith("*"):
+                kind, len_off = _FT["ptrplen"], f"offsetof({cstruct}, {ln[1:]})"
+            elif ln:
+                kind, len_off = _FT["ptrlen"], f"offsetof({cstruct}, {ln})"
+            else:
+                kind, len_off = _FT["ptr"], "0"
+            # A pointer without a length member: its size is fixed or given by a bit count.
+            rows.append(f"{{'{code[0]}', {kind}, {fixed}, {bits}, offsetof({cstruct}, {ptr}), "
+                        f"{len_off}, 0}}")
+        else:
+            rows.append(f"{{'h', {_FT['ulong']}, 0, -1, offsetof({cstruct}, {target}), 0, "
+                        f"sizeof(((({cstruct} *)0)->{target}))}}")
+    return rows
+
+
+def _generate_v4(w: Any) -> None:
+    attributes, cparams, paramtable, m4, cdef = _v4_sources()
+    w("/* ==== protocol version 4 (docs/protocol.md) ==================================")
+    w(" * Extra kind letters: X typed mechanism, Y typed parameter, Z typed template.")
+    w(" */")
+    w(f"#define P11G_RPC_VERSION4 {P.VERSION_P11GUARD}")
+    w(f"#define P11G_OUT_LEN_NULL 0x{P.OUT_LEN_NULL:X}ull")
+    v4 = P.TABLES[P.VERSION_P11GUARD]
+    numbers = sorted(v4)
+    w(f"#define P11G_PROC4_MIN {numbers[0]}")
+    w(f"#define P11G_PROC4_MAX {numbers[-1]}")
+    w(f"#define P11G_PROC4_COUNT {len(numbers)}")
+    for n in numbers:
+        if n not in P.BY_NUMBER:
+            w(f"#define P11G_PROC_{v4[n].name} {n}")
+    w("")
+    w("/* Indexed by procedure number - P11G_PROC4_MIN. */")
+    w("static const struct p11g_proc_desc p11g_procs4[P11G_PROC4_COUNT] = {")
+    for n in numbers:
+        p = v4[n]
+        w(f'    {{.number = {n}, .name = "{p.name}", .args = "{kinds(p.args)}", '
+          f'.result = "{kinds(p.result)}"}},')
+    w("};")
+    w("")
+    # -- typed parameters
+    w("/* Typed mechanism parameters: tags (wire/mechanisms.py). */")
+    for tag in sorted(m4.PARAMS):
+        w(f"#define P11G_TAG_{m4.PARAMS[tag].name} {tag}")
+    w(f"#define P11G_TAG_COUNT {len(m4.PARAMS)}")
+    w("")
+    w("/* The C structures the server builds (pkcs11/_cdef_params.py), renamed. */")
+    for line in _c_structs(cdef).splitlines():
+        w(line.rstrip())
+    w("")
+    w("#define P11G_FT_ULONG 0   /* a CK_ULONG or CK_BBOOL member */")
+    w("#define P11G_FT_PTRLEN 1  /* a pointer and its length member */")
+    w("#define P11G_FT_PTR 2     /* a pointer; size fixed or (bits + 7) / 8 of field `bits` */")
+    w("#define P11G_FT_PTRPLEN 3 /* a pointer and a pointer to its length */")
+    w("#define P11G_FT_ARRAY 4   /* a CK_BYTE array member */")
+    w("struct p11g_pfield {")
+    w("    char code;      /* wire: 'h' hyper, 'o' opaque<>, 'f' opaque of exactly `fixed` */")
+    w("    unsigned char target;")
+    w("    unsigned fixed; /* 'f' fields */")
+    w("    int bits;       /* index of the field holding this buffer's size in bits, or -1 */")
+    w("    size_t off, len_off, size; /* size: of the member (h, array) */")
+    w("};")
+    w("struct p11g_pshape {")
+    w("    unsigned tag;")
+    w("    const char *name;")
+    w("    size_t struct_size; /* 0: no C structure (NONE, BYTES, ULONG, RAW) */")
+    w("    unsigned nfields;")
+    w("    const struct p11g_pfield *fields;")
+    w("};")
+    w("")
+    targets = cparams._TARGETS
+    bounds = cparams._BIT_BOUNDS
+    entries = []
+    for tag in sorted(m4.PARAMS):
+        shape = m4.PARAMS[tag]
+        name = shape.name
+        if name in targets:
+            cs = "p11g_" + shape.c_struct
+            rows = _field_rows(shape, targets[name], bounds.get(name, ()), cs)
+            w(f"static const struct p11g_pfield p11g_pfields_{name}[] = {{")
+            for row in rows:
+                w(f"    {row},")
+            w("};")
+            entries.append(f'    {{{tag}, "{name}", sizeof({cs}), {len(rows)}, '
+                           f"p11g_pfields_{name}}},")
+        else:
+            size = "sizeof(CK_ULONG)" if name == "ULONG" else (
+                "sizeof(p11g_" + shape.c_struct + ")" if shape.c_struct else "0")
+            codes = "".join(code for _, code in shape.fields)
+            entries.append(f'    {{{tag}, "{name}", {size}, 0, NULL}}, /* "{codes}" */')
+    w("static const struct p11g_pshape p11g_pshapes[P11G_TAG_COUNT] = {")
+    for e in entries:
+        w(e)
+    w("};")
+    w("")
+    w("/* Mechanism -> accepted tags (bit per tag), sorted (pkcs11/paramtable.py). */")
+    w("struct p11g_mech_tags {")
+    w("    unsigned long mech;")
+    w("    unsigned long tags;")
+    w("};")
+    w(f"#define P11G_MECH_TAGS_COUNT {len(paramtable.ACCEPTED)}")
+    w("static const struct p11g_mech_tags p11g_mech_tags[P11G_MECH_TAGS_COUNT] = {")
+    for mech in sorted(paramtable.ACCEPTED):
+        mask = sum(1 << t for t in paramtable.ACCEPTED[mech])
+        w(f"    {{0x{mech:X}UL, 0x{mask:X}UL}},")
+    w("};")
+    w(f"#define P11G_MESSAGE_TAGS 0x{sum(1 << t for t in m4.MESSAGE_TAGS):X}UL")
+    w("")
+    # -- attribute kinds
+    kinds_by: dict[str, list[int]] = {"ULONG": [], "ULONG_ARRAY": [], "TEMPLATE": []}
+    for attr, kind in attributes.KINDS.items():
+        if kind.name in kinds_by:
+            kinds_by[kind.name].append(attr)
+    w("/* Typed template value kinds (wire/templates.py) and the attributes that")
+    w(" * hold each (pkcs11/attributes.py); any other attribute is BYTES. */")
+    w("#define P11G_VK_BYTES 0")
+    w("#define P11G_VK_ULONG 1")
+    w("#define P11G_VK_TEMPLATE 2")
+    w("#define P11G_VK_ULONG_ARRAY 3")
+    w("#define P11G_VK_UNAVAILABLE 4")
+    for kname, attrs in kinds_by.items():
+        attrs.sort()
+        w(f"#define P11G_ATTRS_{kname}_COUNT {len(attrs)}")
+        body = ", ".join(f"0x{a:X}UL" for a in attrs)
+        w(f"static const unsigned long p11g_attrs_{kname.lower()}[] = {{{body}}};")
+    w("")
 
 
 def main(argv: list[str] | None = None) -> int:

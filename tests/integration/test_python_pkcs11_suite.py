@@ -1,11 +1,16 @@
 """python-pkcs11's own test suite, directly against SoftHSM2 and through
 libp11guard.so -> proxy -> SoftHSM2; the pass sets are compared.
 
-Tests that need pointer-bearing mechanism parameters (GCM, *_ENCRYPT_DATA and
-ECDH derivation) cannot pass over protocol v3: the client refuses them locally
-with CKR_MECHANISM_PARAM_INVALID.  They are listed below and must start passing
-once the protocol-extension issue lands.  Needs `parameterized` (python-pkcs11's
-test dependency) and PyPI access the first time (the sdist is cached).
+Through p11guard the client speaks protocol v4 (typed parameters and templates,
+native length queries): exactly the tests that pass directly must pass, the
+same set, not just the same count.
+
+Through Caml Crush's server the client falls back to protocol v3, where tests
+that need pointer-bearing mechanism parameters (GCM, *_ENCRYPT_DATA and ECDH
+derivation) cannot pass: the client refuses them locally with
+CKR_MECHANISM_PARAM_INVALID.  Those expected losses are listed below.  Needs
+`parameterized` (python-pkcs11's test dependency) and PyPI access the first
+time (the sdist is cached).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from tests.native.support import build_all
 pytest.importorskip("pkcs11")
 pytest.importorskip("parameterized")
 
-# Pointer-bearing mechanism parameters: impossible in protocol v3.
+# Pointer-bearing mechanism parameters: impossible in protocol v3 (Caml Crush only).
 POINTER_PARAMS = [
     r"test_aes\.AESTests\.test_aes_gcm_test_vector_\d+_\w+",
     r"test_aes\.AESTests\.test_encrypt_gcm\w*",
@@ -29,7 +34,8 @@ POINTER_PARAMS = [
     r"test_ecc\.ECCTests\.test_derive_key",
     r"test_public_key_external\.ExternalPublicKeyTests\.test_ecdh",
 ]
-# Protocol v3 cannot tell an empty PIN from a NULL one (both are an empty opaque).
+# Protocol v3 cannot tell an empty PIN from a NULL one (both are an empty opaque);
+# they pass all the same with SoftHSM2 behind p11guard, listed for Caml Crush.
 EMPTY_PIN = [
     r"test_sessions\.SessionTests\.test_init_pin",
     r"test_sessions\.SessionTests\.test_set_pin",
@@ -45,8 +51,15 @@ CAMLCRUSH_ONLY = [
 DIRECT_PASSES = 145
 
 
+# Expected losses per server.  p11guard (protocol v4): none at all.
+EXPECTED_LOSSES: dict[str, list[str]] = {
+    "camlcrush": POINTER_PARAMS + EMPTY_PIN + CAMLCRUSH_ONLY,
+    "p11guard": [],
+}
+
+
 def _allowed(kind: str) -> re.Pattern[str]:
-    patterns = POINTER_PARAMS + EMPTY_PIN + (CAMLCRUSH_ONLY if kind == "camlcrush" else [])
+    patterns = EXPECTED_LOSSES[kind] or ["(?!)"]  # "(?!)" matches nothing
     return re.compile(r"tests\.(" + "|".join(patterns) + r")$")
 
 
@@ -68,4 +81,7 @@ def test_suite_through_proxy(
     unexpected = [name for name in lost if not allowed.match(name)]
     print(f"{kind}: {len(result.passed)} passed (direct {len(direct_passes)}), lost {len(lost)}")
     assert not unexpected, {name: result.messages.get(name, "") for name in unexpected}
-    assert len(result.passed) >= DIRECT_PASSES - 27
+    if kind == "p11guard":
+        assert set(result.passed) == direct_passes  # the same set, nothing gained either
+    else:
+        assert len(result.passed) >= DIRECT_PASSES - 27

@@ -231,7 +231,16 @@ static int cmd_args(void)
     struct { CK_BYTE_PTR pIv; CK_ULONG ulIvLen, ulIvBits; CK_BYTE_PTR pAAD; CK_ULONG ulAADLen, ulTagBits; }
         gcm = {iv, 12, 96, aad, 4, 128};
     CK_MECHANISM mg = {CKM_AES_GCM, &gcm, sizeof gcm};
-    EXPECT(F->C_EncryptInit(s, &mg, aes), CKR_MECHANISM_PARAM_INVALID);
+    /* Protocol v3 (Caml Crush) cannot carry it; v4 (p11guard) can: then end
+     * the operation so that the checks below start from a clean session. */
+    rv = F->C_EncryptInit(s, &mg, aes);
+    CHECK(rv == CKR_MECHANISM_PARAM_INVALID || rv == CKR_OK);
+    if (rv == CKR_OK) {
+        CK_BYTE gin[16] = {0}, gout[64];
+        CK_ULONG gl = sizeof gout;
+        EXPECT(F->C_Encrypt(s, gin, sizeof gin, gout, &gl), CKR_OK);
+        CHECK(gl == sizeof gin + 16);
+    }
     EXPECT(F->C_EncryptInit(s, NULL, aes), CKR_ARGUMENTS_BAD);
     CK_MECHANISM nullparam = {CKM_AES_CBC, NULL, 16};
     EXPECT(F->C_EncryptInit(s, &nullparam, aes), CKR_MECHANISM_PARAM_INVALID);
@@ -272,7 +281,7 @@ static int cmd_args(void)
     EXPECT(F->C_DecryptFinal(s, NULL, &bl), CKR_OK);
     CK_ULONG fin = bl;
     EXPECT(F->C_DecryptFinal(s, back + total_back, &bl), CKR_OK);
-    CHECK(bl == fin);
+    CHECK(bl <= fin); /* a length query may answer an upper bound (C allows it) */
     total_back += bl;
     CHECK(total_back == sizeof pt && memcmp(back, pt, sizeof pt) == 0);
 
@@ -375,7 +384,9 @@ static int cmd_args(void)
 /* ---- storm: every function against a hostile server; only survival counts -------- */
 static int cmd_storm(long iterations)
 {
-    CK_BYTE buf[512], in[64] = {1, 2, 3};
+    /* buf is also sent (C_Verify's signature): initialised, so valgrind sees
+     * only what the library itself does with memory. */
+    CK_BYTE buf[512] = {0}, in[64] = {1, 2, 3};
     CK_ULONG len, n;
     CK_SLOT_ID slots[4];
     CK_INFO info;
@@ -389,6 +400,20 @@ static int cmd_storm(long iterations)
     memset(lbl, ' ', sizeof lbl);
     CK_BYTE v1[8] = {1}, v2[16] = {2}, v3[3] = {3};
     CK_ULONG calls = 0;
+    /* Protocol v4 replies: per-message parameters and nested templates. */
+    CK_FUNCTION_LIST_3_0 *F3 = NULL;
+    CK_INTERFACE_PTR iface = NULL;
+    CK_VERSION v30 = {3, 0};
+    P11G_C_GetInterface gi = (P11G_C_GetInterface)dlsym(H, "C_GetInterface");
+    if (gi != NULL && gi((CK_UTF8CHAR_PTR) "PKCS 11", &v30, &iface, 0) == CKR_OK)
+        F3 = iface->pFunctionList;
+    CK_BYTE iv[12] = {0}, tag[16] = {0}, ibuf1[8], ibuf2[8];
+    struct {
+        CK_BYTE_PTR pIv;
+        CK_ULONG ulIvLen, ulIvFixedBits, ivGenerator;
+        CK_BYTE_PTR pTag;
+        CK_ULONG ulTagBits;
+    } gcmmsg = {iv, sizeof iv, 0, 0, tag, 128};
     F->C_Initialize(NULL);
     for (long i = 0; i < iterations; i++) {
         CK_RV rv = 0;
@@ -397,7 +422,10 @@ static int cmd_storm(long iterations)
         (void)v3;
         len = sizeof buf;
         n = 4;
-        switch (i % 40) {
+        CK_ATTRIBUTE inner[2] = {{CKA_KEY_TYPE, ibuf1, sizeof ibuf1},
+                                 {CKA_LABEL, ibuf2, sizeof ibuf2}};
+        CK_ATTRIBUTE outer = {CKA_WRAP_TEMPLATE, inner, sizeof inner};
+        switch (i % 44) {
         case 0: rv = F->C_GetInfo(&info); break;
         case 1: rv = F->C_GetSlotList(CK_TRUE, slots, &n); break;
         case 2: rv = F->C_GetSlotList(CK_FALSE, NULL, &n); break;
@@ -438,9 +466,22 @@ static int cmd_storm(long iterations)
         case 37: rv = F->C_SeedRandom(1, in, 8); break;
         case 38: rv = F->C_Finalize(NULL); break;
         case 39: rv = F->C_Initialize(NULL); break;
+        case 40:
+            if (F3 != NULL)
+                rv = F3->C_EncryptMessage(1, &gcmmsg, sizeof gcmmsg, in, 4, in, 16, buf, &len);
+            break;
+        case 41:
+            if (F3 != NULL)
+                rv = F3->C_DecryptMessageBegin(1, &gcmmsg, sizeof gcmmsg, in, 4);
+            break;
+        case 42: rv = F->C_GetAttributeValue(1, 2, &outer, 1); break;
+        case 43:
+            if (F3 != NULL)
+                rv = F3->C_SignMessage(1, NULL, 0, in, 16, buf, &len);
+            break;
         }
         calls++;
-        if (len > sizeof buf && rv == CKR_OK && (i % 40) != 15) {
+        if (len > sizeof buf && rv == CKR_OK && (i % 44) != 15) {
             printf("FAIL: reported length %lu beyond the buffer with CKR_OK\n", len);
             failures++;
         }

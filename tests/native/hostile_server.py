@@ -4,6 +4,11 @@ XIDs, garbage, stalls and hang-ups.  Used by the robustness tests to show that
 libp11guard.so never crashes, never writes past a caller's buffer and recovers
 through C_Initialize.
 
+Protocol versions: a connection answers the client's first call either as
+Caml Crush does (PROG_MISMATCH 3..3, so the client falls back to version 3) or
+in the version asked (4), and then shapes its hostile replies from that
+version's table: typed templates and typed parameters are fuzzed too.
+
 Run standalone: ``python tests/native/hostile_server.py PORT [SEED]``.
 """
 
@@ -32,6 +37,12 @@ def _opaque(data: bytes) -> bytes:
 
 def _accepted(xid: int, body: bytes) -> bytes:
     return _U32.pack(xid) + _U32.pack(1) + b"\0" * 4 + b"\0" * 8 + _U32.pack(0) + body
+
+
+def _prog_mismatch(xid: int) -> bytes:
+    """What Caml Crush answers to a version it does not speak."""
+    return (_U32.pack(xid) + _U32.pack(1) + b"\0" * 4 + b"\0" * 8 + _U32.pack(2)
+            + _U32.pack(3) + _U32.pack(3))
 
 
 class Hostile:
@@ -84,19 +95,22 @@ class Hostile:
                 return data
 
     def _serve(self, conn: socket.socket, rng: random.Random) -> None:
+        camlcrush = rng.random() < 0.5  # speaks version 3 only
         with conn:
             while True:
                 rec = self._read_record(conn)
                 if rec is None or len(rec) < 24:
                     return
-                xid, _mtype, _rpcv, _prog, _vers, proc = struct.unpack(">6I", rec[:24])
-                if proc == 2:
+                xid, _mtype, _rpcv, _prog, vers, proc = struct.unpack(">6I", rec[:24])
+                if vers != 3 and camlcrush:
+                    out = _prog_mismatch(xid)
+                elif proc == 2:
                     out = _accepted(xid, _U64.pack(1))
                 elif proc in (70, 3):
                     out = _accepted(xid, _U64.pack(0))
                 else:
                     try:
-                        action = self._hostile(conn, rng, xid, proc)
+                        action = self._hostile(conn, rng, xid, proc, vers)
                     except OSError:
                         return
                     if action is None:
@@ -132,6 +146,10 @@ class Hostile:
                 items += _opaque(rng.randbytes(rng.choice([0, 1, 7, 8, 9, 16, 17, 100])))
                 items += _U64.pack(rng.choice([0, 8, 100, 2**64 - 1, rng.getrandbits(64)]))
             return _U32.pack(n) + items
+        if kind is P.Kind.TYPED_TEMPLATE:
+            return self._typed_template(rng, 0)
+        if kind is P.Kind.TYPED_PARAM:
+            return self._typed_param(rng)
         # structs
         out = b""
         for _name, shape in P.STRUCTS[kind]:
@@ -144,10 +162,44 @@ class Hostile:
                 out += _opaque(rng.randbytes(rng.choice([0, 5, 16, 32, 33, 64, 65, 300])))
         return out
 
+    def _typed_template(self, rng: random.Random, depth: int) -> bytes:
+        n = rng.choice([0, 1, 2, 3, 5, 1 << 20, 0xFFFFFFFF])
+        if n > 10:
+            return _U32.pack(n)
+        out = _U32.pack(n)
+        for _ in range(n):
+            # Mostly the client's own types (0x3 label, 0x11 value, 0x100 key type,
+            # 0x40000211 wrap template, 0x40000600 allowed mechanisms).
+            out += _U64.pack(rng.choice([0x3, 0x11, 0x100, 0x40000211, 0x40000600,
+                                         rng.getrandbits(64)]))
+            kind = rng.choice([0, 1, 2, 3, 4, 4, 5, 0xFFFFFFFF])
+            out += _U32.pack(kind)
+            if kind == 0:
+                out += _opaque(rng.randbytes(rng.choice([0, 1, 8, 9, 100, 600])))
+            elif kind == 1:
+                out += _U64.pack(rng.choice([0, 1, 2**32, 2**64 - 1, rng.getrandbits(64)]))
+            elif kind == 2:
+                out += self._typed_template(rng, depth + 1) if depth < 2 else _U32.pack(0)
+            elif kind == 3:
+                m = rng.choice([0, 1, 3, 70, 0x7FFFFFFF])
+                out += _U32.pack(m) + b"".join(
+                    _U64.pack(rng.getrandbits(64)) for _ in range(min(m, 70)))
+        return out
+
+    def _typed_param(self, rng: random.Random) -> bytes:
+        tag = rng.choice([0, 1, 5, 21, 22, 23, 24, 25, 0xFFFFFFFF])
+        out = _U32.pack(tag)
+        for _ in range(rng.choice([0, 1, 2, 4, 5, 6])):
+            if rng.random() < 0.5:
+                out += _U64.pack(rng.getrandbits(64))
+            else:
+                out += _opaque(rng.randbytes(rng.choice([0, 8, 12, 16, 17, 600])))
+        return out
+
     def _hostile(
-        self, conn: socket.socket, rng: random.Random, xid: int, proc: int
+        self, conn: socket.socket, rng: random.Random, xid: int, proc: int, vers: int = 3
     ) -> bytes | None:
-        spec = P.BY_NUMBER.get(proc)
+        spec = P.TABLES.get(vers, P.BY_NUMBER).get(proc)
         choice = rng.random()
         if spec is None or choice < 0.03:
             return None  # hang up
