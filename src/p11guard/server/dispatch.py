@@ -129,8 +129,11 @@ class Dispatcher:
 
     def handle(self, number: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """Run procedure ``number``; always returns a well-formed result tuple."""
-        handler = self._handlers[number]
-        proc = procs.BY_NUMBER[number]
+        return self.run_handler(procs.BY_NUMBER[number], self._handlers[number], args)
+
+    def run_handler(self, proc: Procedure, handler: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+                    args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Run one procedure's handler: refusals become rv-only results (v3 and v4)."""
         try:
             if self.serial:
                 with self._serial_lock:

@@ -34,7 +34,6 @@ from ..pkcs11.mechparams import ParamRefused
 from ..pkcs11.types import NativeValue, TemplateRequest
 from ..wire import mechanisms as m4
 from ..wire import procedures as procs
-from ..wire.codec import rv_only_result
 from ..wire.procedures import OUT_LEN_NULL, Procedure
 from ..wire.templates import TypedTemplate, ValueKind
 from .dispatch import (
@@ -107,22 +106,7 @@ class DispatcherV4:
     # -- public ---------------------------------------------------------------
 
     def handle(self, number: int, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        handler = self._handlers[number]
-        proc = V4[number]
-        try:
-            if self.base.serial:
-                with self.base._serial_lock:
-                    result = handler(args)
-            else:
-                result = handler(args)
-        except _Refuse as refused:
-            result = rv_only_result(proc, refused.rv)
-        except ParamRefused as exc:
-            log.debug("%s: mechanism parameter refused: %s", proc.c_name, exc)
-            result = rv_only_result(proc, exc.rv)
-        if self.base._on_call is not None:
-            self.base._on_call(proc.c_name, result[0])
-        return result
+        return self.base.run_handler(V4[number], self._handlers[number], args)
 
     def close(self) -> None:
         self.base.close()
