@@ -30,7 +30,15 @@ from typing import Any
 from benchkit import report
 from benchkit.runner import ALL_OPS, RunResult, RunSettings, run_once
 from benchkit.softhsm import make_token
-from benchkit.targets import ALL_TARGETS, LETTERS, Setup, Target
+from benchkit.targets import (
+    ALL_TARGETS,
+    DEFAULT_TARGETS,
+    LETTERS,
+    POLICY_SUFFIX,
+    POLICY_TWINS,
+    Setup,
+    Target,
+)
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -57,10 +65,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--ops", type=lambda v: _csv(v, ALL_OPS, {}), default=list(ALL_OPS),
                    help=f"comma-separated, default all: {','.join(ALL_OPS)}")
-    p.add_argument("--targets", default=list(ALL_TARGETS),
+    p.add_argument("--targets", default=list(DEFAULT_TARGETS),
                    type=lambda v: _csv(v, ALL_TARGETS, {v: k for k, v in LETTERS.items()}),
                    help="comma-separated names or letters (A=direct, B=p11guard, "
-                        "C=camlcrush, D=native); default all")
+                        "C=camlcrush, D=native; E, F, G = B, C, D with patchset 1: "
+                        "p11guard+ps1, camlcrush+ps1, native+ps1); default A-D")
+    p.add_argument("--patchset1", action="store_true",
+                   help="also run every selected proxy target (B, C, D) with Caml Crush's "
+                        "patchset 1 in its filter.conf (E, F, G), interleaved, and report "
+                        "the ratio to pass-through")
+    p.add_argument("--policy", type=Path,
+                   help="filter.conf lines for the E, F, G servers instead of "
+                        "bench/benchkit/patchset1.conf")
     p.add_argument("--seconds", type=float, help="measured seconds per run (default 2)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds per run (default 0.3)")
@@ -74,6 +90,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     p.add_argument("--p11bench", type=Path, default=BENCH / "p11bench")
     args = p.parse_args(argv)
+    if args.patchset1:
+        with_twins: list[str] = []
+        for name in args.targets:
+            twin = name + POLICY_SUFFIX
+            with_twins += [name] + ([twin] if twin in POLICY_TWINS else [])
+        args.targets = list(dict.fromkeys(with_twins))
+    if args.policy is not None and not args.policy.is_file():
+        p.error(f"--policy {args.policy}: no such file")
     quick = args.quick
     if args.seconds is None:
         args.seconds = 0.5 if quick else 2.0
@@ -134,6 +158,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "threads": args.threads,
+        "policy": str(args.policy) if args.policy else "patchset1.conf",
     }
 
 
@@ -177,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     setup: Setup | None = None
     try:
         token = make_token(workdir / "softhsm")
-        setup = Setup(REPO, workdir, token, unix=args.transport == "unix", log=log)
+        policy = args.policy.read_text() if args.policy else ""
+        setup = Setup(REPO, workdir, token, unix=args.transport == "unix", log=log,
+                      policy=policy)
         targets = [setup.build(name) for name in args.targets]
         settings = RunSettings(args.p11bench, token.label, token.pin, args.seconds,
                                args.warmup, args.threads)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .runner import RunResult
-from .targets import Target
+from .targets import LETTERS, POLICY_TWINS, Target
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,11 @@ def markdown(ops: list[str], targets: list[Target], cells: dict[tuple[str, str],
     for t in targets:
         if t.name in ("p11guard", "native") and "camlcrush" in names:
             ratio_cols.append((f"{t.letter}/C", t.name, "camlcrush"))
+    # With a policy vs the same path pass-through: what the policy costs.
+    for t in targets:
+        base = POLICY_TWINS.get(t.name)
+        if base in names:
+            ratio_cols.append((f"{t.letter}/{LETTERS[base]}", t.name, base))
 
     lines = [*header, ""]
     lines.append("Median operations per second (higher is better); ratios are ops/s "
@@ -96,6 +101,19 @@ def markdown(ops: list[str], targets: list[Target], cells: dict[tuple[str, str],
 
     unavailable = [t for t in targets if t.unavailable]
     lines.append("")
+    # The policy's cost in time per operation: pass-through ops/s over policy ops/s, - 1.
+    for t in targets:
+        base = POLICY_TWINS.get(t.name)
+        if base not in names:
+            continue
+        costs = []
+        for op in ops:
+            with_policy, without = cells[(op, t.name)].ops_per_s, cells[(op, base)].ops_per_s
+            if with_policy and without:
+                costs.append(f"{op} {100 * (without / with_policy - 1):+.0f}%")
+        if costs:
+            lines.append(f"- {t.letter} vs {LETTERS[base]}, time per operation with the "
+                         f"policy: {', '.join(costs)}.")
     if "connect" in ops:
         # The same op measures different work depending on the client library.
         lines.append("- connect = Initialize + GetSlotList + Finalize. The Caml Crush client "

@@ -85,11 +85,12 @@ def _reachable(address: str) -> bool:
 
 
 def write_configs(workdir: Path, sockdir: Path, token: Token, *,
-                  unix: bool) -> tuple[Path, str]:
+                  unix: bool, filter_extra: str = "") -> tuple[Path, str]:
     """Write filter.conf and pkcs11proxyd.conf; return the latter and the address.
 
     ``sockdir`` must be a short path: Netplex puts its control sockets there,
-    and a Unix socket path is limited to 107 bytes.
+    and a Unix socket path is limited to 107 bytes.  ``filter_extra``: more
+    filter.conf lines (a policy such as patchset 1).
     """
     netplex_dir = sockdir / "netplex"  # Caml Crush needs it writable
     netplex_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def write_configs(workdir: Path, sockdir: Path, token: Token, *,
     filter_conf.write_text(
         "debug = 0\n"
         f'modules = [("{ALIAS}", "{token.module}")]\n'
-        "log_subchannel = filter\n"
+        "log_subchannel = filter\n" + filter_extra
     )
     if unix:
         address = str(sockdir / "p11.sock")
