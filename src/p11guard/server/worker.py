@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import sys
 import threading
@@ -35,10 +36,11 @@ CKR_GENERAL_ERROR = 0x5
 RECV_SIZE = 256 * 1024
 
 # Procedures that only read or set bookkeeping in the module (no cryptography,
-# no token writes, no blocking): the leader runs them without handing over
-# leadership.  Everything else (signatures, encryption, key generation, PIN
-# checks, WaitForSlotEvent, the 3.0 message functions, ...) gives leadership to
-# another thread first, so calls on other sessions proceed meanwhile.
+# no token writes, no blocking): the leader always runs them itself.  Everything
+# else (signatures, encryption, key generation, PIN checks, WaitForSlotEvent,
+# the 3.0 message functions, ...) also runs on the leader until the client shows
+# it pipelines calls; from then on the leader hands leadership to another thread
+# first, so calls on other sessions proceed meanwhile.
 QUICK_PROCEDURES = frozenset(
     BY_NAME[name].number for name in (
         "SetupArch", "LoadModule", "GetInfo", "GetSlotList", "GetSlotInfo", "GetTokenInfo",
@@ -88,6 +90,10 @@ class Connection:
         self.handlers: dict[int, Handler] = {VERSION_CAMLCRUSH: handler, **(more_handlers or {})}
         self.version: int | None = None  # fixed by the first accepted call
         self._codecs: dict[int, ProcedureCodec] = CODECS_BY_VERSION[VERSION_CAMLCRUSH]
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._recv_into = getattr(sock, "recv_into", None)
+        self._pipelined = False
         self.reader = RecordReader(settings.limits.max_record_size)
         self._leader = threading.Lock()
         self._send = threading.Lock()
@@ -140,16 +146,19 @@ class Connection:
                     session_lock = self._session_lock(number, body)
                     if session_lock is not None:
                         session_lock.acquire()
-                    if number in QUICK_PROCEDURES or self.settings.max_threads == 1:
-                        # A quick call runs on the leader itself: handing leadership
-                        # to another thread costs more than the call (a thread wake-up
-                        # and a GIL hand-over, ~60 us) and it cannot block the reader
-                        # for long.
+                    if (number in QUICK_PROCEDURES or not self._pipelined
+                            or self.settings.max_threads == 1):
+                        # Run the call on the leader itself: handing leadership to
+                        # another thread costs a thread wake-up and a GIL hand-over
+                        # (~60 us), worth it only when the client really has other
+                        # calls in flight and this one may take long.
                         try:
                             self._execute(xid, number, body)
                         finally:
                             if session_lock is not None:
                                 session_lock.release()
+                        if number not in QUICK_PROCEDURES and not self._pipelined:
+                            self._pipelined = self._more_pending()
                         continue
                     self._maybe_spawn()
                     break
@@ -160,6 +169,28 @@ class Connection:
             finally:
                 if session_lock is not None:
                     session_lock.release()
+
+    def _more_pending(self) -> bool:
+        """Did the client send another call while we ran a long one?
+
+        Then it keeps several calls in flight (a multi-threaded application on
+        a pipelining client) and long calls are worth running in parallel.  A
+        client that waits for each reply (Caml Crush's) never gets here with
+        data pending, and all its calls run on the leader.
+        """
+        if self.reader.buffered or self.reader.ready:
+            return True
+        # A TLS stream is read through its socket (`.sock`); a plain socket directly.
+        fileno = getattr(getattr(self.sock, "sock", self.sock), "fileno", None)
+        if fileno is None:
+            return False
+        try:
+            readable, _, _ = select.select([fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        if readable:
+            log.debug("client pipelines calls: long calls now run in parallel")
+        return bool(readable)
 
     def _maybe_spawn(self) -> None:
         with self._state:
@@ -196,7 +227,13 @@ class Connection:
             record = self.reader.pop()
             if record is None:
                 try:
-                    data = self.sock.recv(RECV_SIZE)
+                    if self._recv_into is not None:
+                        # Into a reused buffer: sock.recv(N) would allocate (mmap,
+                        # mremap, munmap) N bytes on every call.
+                        n = self._recv_into(self._rbuf)
+                        data = self._rview[:n].tobytes()
+                    else:
+                        data = self.sock.recv(RECV_SIZE)
                 except OSError as exc:
                     if not self._closed:
                         log.debug("connection error: %s", exc)

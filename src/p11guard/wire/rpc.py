@@ -136,6 +136,11 @@ class RecordReader:
         return self._done.pop(0) if self._done else None
 
     @property
+    def ready(self) -> int:
+        """Complete records waiting to be popped."""
+        return len(self._done)
+
+    @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a complete record."""
         return len(self._buf) + self._total
