@@ -246,3 +246,17 @@ def test_benchmark_measures_this_patchset() -> None:
     pair = re.compile(r"\((C_\w+), (\w+)\)")
     assert pair.findall(bench_conf) == pair.findall(patchset1())
     assert f'wrapping_format_key = "{KEY_HEX}"' in bench_conf
+
+
+def test_derived_key_inherits_base_key_protection(token: Token, tmp_path: Path) -> None:
+    """Strict mode: a key derived from a sensitive base key cannot be made readable.
+
+    Through libp11guard.so over protocol v4 (the derivation parameter holds a
+    pointer, which v3 cannot carry).  Without a patch the derived value, the base
+    key's encryption of zeros, leaves the token; with patchset 1 the derivation is
+    refused, while a derivation into an equally protected key still works."""
+    assert through("p11guard", token, tmp_path / "off", "", "derive_weaker") == {
+        "derive_weaker": LEAKED}
+    got = through("p11guard", token, tmp_path / "on", patchset1(), "derive_weaker",
+                  "legit_derive")
+    assert got == {"derive_weaker": refused("DeriveKey", AVI), "legit_derive": True}

@@ -94,7 +94,8 @@ def _child(argv: list[str]) -> int:
 
     _p: Any = _pkcs11  # compiled: no typed view of its classes
     mixins = tuple(getattr(_p, n) for n in ("EncryptMixin", "DecryptMixin", "SignMixin",
-                                             "VerifyMixin", "WrapMixin", "UnwrapMixin"))
+                                             "VerifyMixin", "WrapMixin", "UnwrapMixin",
+                                             "DeriveMixin"))
 
     def able(obj: Any) -> Any:
         """``obj`` with every operation method, whatever its usage attributes.
@@ -277,6 +278,36 @@ def _child(argv: list[str]) -> int:
         at("Decrypt")
         return "leaked" if bytes(k.decrypt(proof, **ecb)) == ZERO16 else "garbage"
 
+    def derive_weaker() -> str:
+        """Derive a readable key from a sensitive base key (AES_ECB_ENCRYPT_DATA over
+        zeros): the derived value is the base key's encryption of zeros, out of
+        the token.  Needs protocol v4 (the parameter holds a pointer)."""
+        base = secret(M.ENCRYPT | M.DERIVE, {Attribute.SENSITIVE: True,
+                                             Attribute.EXTRACTABLE: False})
+        at("Encrypt")
+        proof = bytes(base.encrypt(ZERO16, **ecb))
+        at("DeriveKey")
+        k = able(base.derive_key(KeyType.AES, 128, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                                 mechanism_param=ZERO16,
+                                 template={Attribute.SENSITIVE: False,
+                                           Attribute.EXTRACTABLE: True}))
+        at("GetAttributeValue")
+        return "leaked" if bytes(k[Attribute.VALUE]) == proof else "garbage"
+
+    def legit_derive() -> bool:
+        """The same derivation into a key as protected as its base: allowed, usable."""
+        base = secret(M.ENCRYPT | M.DERIVE, {Attribute.SENSITIVE: True,
+                                             Attribute.EXTRACTABLE: False})
+        at("DeriveKey")
+        k = able(base.derive_key(KeyType.AES, 128, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                                 mechanism_param=ZERO16, capabilities=M.ENCRYPT | M.DECRYPT,
+                                 template={Attribute.SENSITIVE: True,
+                                           Attribute.EXTRACTABLE: False}))
+        at("Encrypt")
+        ct = k.encrypt(b"y" * 16, **cbc)
+        at("Decrypt")
+        return bool(k.decrypt(ct, **cbc) == b"y" * 16)
+
     # -- legitimate uses ----------------------------------------------------------------------
 
     def legit_sign() -> bool:
@@ -412,6 +443,8 @@ def _child(argv: list[str]) -> int:
         "odd_bool": odd_bool,
         "padding_option": padding_option,
         "segregation_attack": segregation_attack,
+        "derive_weaker": derive_weaker,
+        "legit_derive": legit_derive,
         "legit_sign": legit_sign,
         "legit_encrypt": legit_encrypt,
         "legit_rsa": legit_rsa,
