@@ -148,8 +148,11 @@ static int log_tls_failure(struct p11g_conn *c, const struct p11g_config *cfg, c
     return 1;
 }
 
-/* SetupArch -> LoadModule -> Initialize on a fresh connection. */
-static CK_RV handshake(struct p11g_conn *c, const struct p11g_config *cfg)
+/* SetupArch -> LoadModule -> Initialize on a fresh connection.  `init_flags`
+ * are the application's CK_C_INITIALIZE_ARGS flags: over protocol v4 the one
+ * the server can act on (CKF_LIBRARY_CANT_CREATE_OS_THREADS) is forwarded; the
+ * server itself decides on OS locking. */
+static CK_RV handshake(struct p11g_conn *c, const struct p11g_config *cfg, CK_FLAGS init_flags)
 {
     struct p11g_arg a[1];
     struct p11g_res r[2];
@@ -192,6 +195,8 @@ static CK_RV handshake(struct p11g_conn *c, const struct p11g_config *cfg)
         return CKR_DEVICE_ERROR;
     }
 
+    memset(a, 0, sizeof a);
+    a[0].h = init_flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS;
     err = p11g_rpc(c, P11G_PROC_Initialize, a, r, &rep, cfg->max_record);
     if (err != P11G_OK) {
         if (log_tls_failure(c, cfg, "Initialize"))
@@ -268,7 +273,10 @@ P11G_EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
         pthread_mutex_unlock(&g_init_lock);
         return CKR_DEVICE_ERROR;
     }
-    rv = handshake(c, &cfg);
+    CK_FLAGS init_flags = 0;
+    if (pInitArgs != NULL)
+        init_flags = ((CK_C_INITIALIZE_ARGS *)pInitArgs)->flags;
+    rv = handshake(c, &cfg, init_flags);
     if (rv != CKR_OK) {
         p11g_conn_kill(c);
         p11g_conn_unref(c);
