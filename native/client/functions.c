@@ -23,13 +23,7 @@
 #define MAX_TEMPLATE 4096u /* attributes per template: far beyond any real use */
 
 /* ---- helpers ------------------------------------------------------------- */
-struct call {
-    struct p11g_res r[6];
-    struct p11g_reply rep;
-};
-
-/* Runs proc; on CKR_OK the module's rv is in *mrv and the reply must be freed. */
-static CK_RV run(unsigned proc, const struct p11g_arg *a, struct call *c, CK_RV *mrv)
+CK_RV p11g_run(unsigned proc, const struct p11g_arg *a, struct p11g_result *c, CK_RV *mrv)
 {
     CK_RV rv = p11g_call(proc, a, c->r, &c->rep);
     if (rv == CKR_OK)
@@ -37,12 +31,11 @@ static CK_RV run(unsigned proc, const struct p11g_arg *a, struct call *c, CK_RV 
     return rv;
 }
 
-/* For procedures whose result is only the rv. */
-static CK_RV simple(unsigned proc, const struct p11g_arg *a)
+CK_RV p11g_simple(unsigned proc, const struct p11g_arg *a)
 {
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(proc, a, &c, &mrv);
+    CK_RV rv = p11g_run(proc, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     p11g_reply_free(&c.rep);
@@ -53,7 +46,7 @@ static CK_RV session_only(unsigned proc, CK_SESSION_HANDLE s)
 {
     ARGS(1);
     a[0].h = s;
-    return simple(proc, a);
+    return p11g_simple(proc, a);
 }
 
 static CK_RV bytes_ok(const void *p, CK_ULONG n) { return (p == NULL && n != 0) ? CKR_ARGUMENTS_BAD : CKR_OK; }
@@ -193,8 +186,8 @@ static CK_RV output_call4(unsigned proc, struct p11g_arg *a, unsigned n_args, CK
 {
     CK_RV rv, mrv;
     a[n_args].h = out != NULL ? (uint64_t)*out_len : P11G_OUT_LEN_NULL;
-    struct call c;
-    rv = run(proc, a, &c, &mrv);
+    struct p11g_result c;
+    rv = p11g_run(proc, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     rv = p11g_v4_output(&c.rep, &c.r[1], &c.r[2], mrv, out, out_len);
@@ -222,8 +215,8 @@ static CK_RV output_call(unsigned proc, unsigned families, CK_SESSION_HANDLE s, 
     }
     if (p11g_cache_take(s, proc, key, out, out_len, &rv))
         return rv;
-    struct call c;
-    rv = run(proc, a, &c, &mrv);
+    struct p11g_result c;
+    rv = p11g_run(proc, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv != CKR_OK) {
@@ -277,7 +270,7 @@ static CK_RV session_data(unsigned proc, CK_SESSION_HANDLE s, CK_BYTE_PTR p, CK_
     a[0].h = s;
     a[1].ptr = p;
     a[1].len = n;
-    return simple(proc, a);
+    return p11g_simple(proc, a);
 }
 
 static CK_RV op_init(unsigned proc, unsigned families, CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
@@ -295,15 +288,15 @@ static CK_RV op_init(unsigned proc, unsigned families, CK_SESSION_HANDLE s, CK_M
     a[1].mech = &mech;
     if (has_key)
         a[2].h = key;
-    return simple(proc, a);
+    return p11g_simple(proc, a);
 }
 
 /* Result is rv + one handle. */
 static CK_RV handle_result(unsigned proc, const struct p11g_arg *a, CK_OBJECT_HANDLE_PTR out)
 {
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(proc, a, &c, &mrv);
+    CK_RV rv = p11g_run(proc, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv == CKR_OK)
@@ -318,9 +311,9 @@ P11G_EXPORT CK_RV C_GetInfo(CK_INFO_PTR pInfo)
     if (pInfo == NULL)
         return CKR_ARGUMENTS_BAD;
     ARGS(1);
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_GetInfo, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_GetInfo, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv == CKR_OK) {
@@ -344,9 +337,9 @@ static CK_RV id_list(unsigned proc, uint64_t first, CK_ULONG_PTR list, CK_ULONG_
     ARGS(2);
     a[0].h = first;
     a[1].h = list != NULL ? *count : 0;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(proc, a, &c, &mrv);
+    CK_RV rv = p11g_run(proc, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     uint64_t n = c.r[2].h;
@@ -392,9 +385,9 @@ P11G_EXPORT CK_RV C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo)
         return CKR_ARGUMENTS_BAD;
     ARGS(1);
     a[0].h = slotID;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_GetSlotInfo, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_GetSlotInfo, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv == CKR_OK) {
@@ -416,9 +409,9 @@ P11G_EXPORT CK_RV C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo)
         return CKR_ARGUMENTS_BAD;
     ARGS(1);
     a[0].h = slotID;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_GetTokenInfo, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_GetTokenInfo, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv == CKR_OK) {
@@ -455,9 +448,9 @@ P11G_EXPORT CK_RV C_GetMechanismInfo(CK_SLOT_ID slotID, CK_MECHANISM_TYPE type,
     ARGS(2);
     a[0].h = slotID;
     a[1].h = type;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_GetMechanismInfo, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_GetMechanismInfo, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv == CKR_OK) {
@@ -480,9 +473,9 @@ P11G_EXPORT CK_RV C_WaitForSlotEvent(CK_FLAGS flags, CK_SLOT_ID_PTR pSlot, CK_VO
     for (;;) {
         ARGS(1);
         a[0].h = flags | CKF_DONT_BLOCK;
-        struct call c;
+        struct p11g_result c;
         CK_RV mrv;
-        CK_RV rv = run(P11G_PROC_WaitForSlotEvent, a, &c, &mrv);
+        CK_RV rv = p11g_run(P11G_PROC_WaitForSlotEvent, a, &c, &mrv);
         if (rv != CKR_OK)
             return rv;
         if (mrv == CKR_OK)
@@ -509,7 +502,7 @@ P11G_EXPORT CK_RV C_InitToken(CK_SLOT_ID slotID, CK_UTF8CHAR_PTR pPin, CK_ULONG 
     a[1].len = ulPinLen;
     a[2].ptr = pLabel;
     a[2].len = 32; /* the label is exactly 32 blank-padded bytes */
-    return simple(P11G_PROC_InitToken, a);
+    return p11g_simple(P11G_PROC_InitToken, a);
 }
 
 P11G_EXPORT CK_RV C_InitPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen)
@@ -528,7 +521,7 @@ P11G_EXPORT CK_RV C_SetPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pOldPin, 
     a[1].len = ulOldLen;
     a[2].ptr = pNewPin;
     a[2].len = ulNewLen;
-    return simple(P11G_PROC_SetPIN, a);
+    return p11g_simple(P11G_PROC_SetPIN, a);
 }
 
 P11G_EXPORT CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication,
@@ -557,7 +550,7 @@ P11G_EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slotID)
 {
     ARGS(1);
     a[0].h = slotID;
-    CK_RV rv = simple(P11G_PROC_CloseAllSessions, a);
+    CK_RV rv = p11g_simple(P11G_PROC_CloseAllSessions, a);
     p11g_cache_clear(); /* we do not track which session lives in which slot */
     return rv;
 }
@@ -568,9 +561,9 @@ P11G_EXPORT CK_RV C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_P
         return CKR_ARGUMENTS_BAD;
     ARGS(1);
     a[0].h = hSession;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_GetSessionInfo, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_GetSessionInfo, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv == CKR_OK) {
@@ -604,7 +597,7 @@ P11G_EXPORT CK_RV C_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pO
     a[1].len = ulOperationStateLen;
     a[2].h = hEncryptionKey;
     a[3].h = hAuthenticationKey;
-    return simple(P11G_PROC_SetOperationState, a);
+    return p11g_simple(P11G_PROC_SetOperationState, a);
 }
 
 P11G_EXPORT CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR pPin,
@@ -617,7 +610,7 @@ P11G_EXPORT CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_
     a[1].h = userType;
     a[2].ptr = pPin;
     a[2].len = ulPinLen;
-    return simple(P11G_PROC_Login, a);
+    return p11g_simple(P11G_PROC_Login, a);
 }
 
 P11G_EXPORT CK_RV C_Logout(CK_SESSION_HANDLE hSession)
@@ -663,7 +656,7 @@ P11G_EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE h
     ARGS(2);
     a[0].h = hSession;
     a[1].h = hObject;
-    return simple(P11G_PROC_DestroyObject, a);
+    return p11g_simple(P11G_PROC_DestroyObject, a);
 }
 
 P11G_EXPORT CK_RV C_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
@@ -687,9 +680,9 @@ static CK_RV get_attributes4(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBU
     a[1].h = o;
     a[2].tmpl = t;
     a[2].count = n;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_GetAttributeValue, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_GetAttributeValue, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (c.rep.version != 4)
@@ -725,9 +718,9 @@ P11G_EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HAND
     a[2].tmpl = wire;
     a[2].count = ulCount;
     a[2].tmpl_mode = P11G_T_OUT;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_GetAttributeValue, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_GetAttributeValue, a, &c, &mrv);
     if (rv != CKR_OK) {
         free(wire);
         return rv;
@@ -814,7 +807,7 @@ P11G_EXPORT CK_RV C_SetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HAND
     a[1].h = hObject;
     a[2].tmpl = pTemplate;
     a[2].count = ulCount;
-    return simple(P11G_PROC_SetAttributeValue, a);
+    return p11g_simple(P11G_PROC_SetAttributeValue, a);
 }
 
 P11G_EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate,
@@ -827,7 +820,7 @@ P11G_EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR
     a[0].h = hSession;
     a[1].tmpl = pTemplate;
     a[1].count = ulCount;
-    return simple(P11G_PROC_FindObjectsInit, a);
+    return p11g_simple(P11G_PROC_FindObjectsInit, a);
 }
 
 P11G_EXPORT CK_RV C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject,
@@ -838,9 +831,9 @@ P11G_EXPORT CK_RV C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR
     ARGS(2);
     a[0].h = hSession;
     a[1].h = ulMaxObjectCount;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_FindObjects, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_FindObjects, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     uint32_t got = c.r[1].len;
@@ -944,7 +937,7 @@ P11G_EXPORT CK_RV C_DigestKey(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hKey)
     ARGS(2);
     a[0].h = hSession;
     a[1].h = hKey;
-    return simple(P11G_PROC_DigestKey, a);
+    return p11g_simple(P11G_PROC_DigestKey, a);
 }
 
 P11G_EXPORT CK_RV C_DigestFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pDigest,
@@ -1010,7 +1003,7 @@ P11G_EXPORT CK_RV C_Verify(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULO
     a[1].len = ulDataLen;
     a[2].ptr = pSignature;
     a[2].len = ulSignatureLen;
-    return simple(P11G_PROC_Verify, a);
+    return p11g_simple(P11G_PROC_Verify, a);
 }
 
 P11G_EXPORT CK_RV C_VerifyUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen)
@@ -1124,9 +1117,9 @@ P11G_EXPORT CK_RV C_GenerateKeyPair(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR
     a[2].count = ulPublicKeyAttributeCount;
     a[3].tmpl = pPrivateKeyTemplate;
     a[3].count = ulPrivateKeyAttributeCount;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    rv = run(P11G_PROC_GenerateKeyPair, a, &c, &mrv);
+    rv = p11g_run(P11G_PROC_GenerateKeyPair, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv == CKR_OK) {
@@ -1224,9 +1217,9 @@ P11G_EXPORT CK_RV C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR Rando
     ARGS(2);
     a[0].h = hSession;
     a[1].h = ulRandomLen;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    CK_RV rv = run(P11G_PROC_GenerateRandom, a, &c, &mrv);
+    CK_RV rv = p11g_run(P11G_PROC_GenerateRandom, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (mrv == CKR_OK) {

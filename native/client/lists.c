@@ -17,30 +17,6 @@
 
 #define NS CKR_FUNCTION_NOT_SUPPORTED
 
-struct call {
-    struct p11g_res r[6];
-    struct p11g_reply rep;
-};
-
-static CK_RV run(unsigned proc, const struct p11g_arg *a, struct call *c, CK_RV *mrv)
-{
-    CK_RV rv = p11g_call(proc, a, c->r, &c->rep);
-    if (rv == CKR_OK)
-        *mrv = p11g_rv(c->r[0].h);
-    return rv;
-}
-
-static CK_RV simple(unsigned proc, const struct p11g_arg *a)
-{
-    struct call c;
-    CK_RV mrv;
-    CK_RV rv = run(proc, a, &c, &mrv);
-    if (rv != CKR_OK)
-        return rv;
-    p11g_reply_free(&c.rep);
-    return mrv;
-}
-
 static int bytes_bad(const void *p, CK_ULONG n) { return p == NULL && n != 0; }
 
 P11G_EXPORT CK_RV C_LoginUser(CK_SESSION_HANDLE s, CK_USER_TYPE u, CK_UTF8CHAR_PTR pin,
@@ -58,7 +34,7 @@ P11G_EXPORT CK_RV C_LoginUser(CK_SESSION_HANDLE s, CK_USER_TYPE u, CK_UTF8CHAR_P
     a[2].len = pinlen;
     a[3].ptr = user;
     a[3].len = userlen;
-    return simple(P11G_PROC_LoginUser, a);
+    return p11g_simple(P11G_PROC_LoginUser, a);
 }
 
 P11G_EXPORT CK_RV C_SessionCancel(CK_SESSION_HANDLE s, CK_FLAGS f)
@@ -69,7 +45,7 @@ P11G_EXPORT CK_RV C_SessionCancel(CK_SESSION_HANDLE s, CK_FLAGS f)
     memset(a, 0, sizeof a);
     a[0].h = s;
     a[1].h = f;
-    return simple(P11G_PROC_SessionCancel, a);
+    return p11g_simple(P11G_PROC_SessionCancel, a);
 }
 
 static CK_RV message_init(unsigned proc, CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
@@ -87,7 +63,7 @@ static CK_RV message_init(unsigned proc, CK_SESSION_HANDLE s, CK_MECHANISM_PTR m
     a[0].h = s;
     a[1].mech = m;
     a[2].h = k;
-    return simple(proc, a);
+    return p11g_simple(proc, a);
 }
 
 static CK_RV message_final(unsigned proc, CK_SESSION_HANDLE s)
@@ -97,7 +73,7 @@ static CK_RV message_final(unsigned proc, CK_SESSION_HANDLE s)
     struct p11g_arg a[1];
     memset(a, 0, sizeof a);
     a[0].h = s;
-    return simple(proc, a);
+    return p11g_simple(proc, a);
 }
 
 #define MSG_INIT(name, proc)                                                                   \
@@ -133,7 +109,7 @@ static CK_RV param_arg(struct p11g_arg *a, CK_VOID_PTR p, CK_ULONG pl, int encry
 }
 
 /* The parameter that came back (result index 1), when the call succeeded. */
-static CK_RV param_back(const struct call *c, const struct p11g_arg *pa, CK_VOID_PTR p,
+static CK_RV param_back(const struct p11g_result *c, const struct p11g_arg *pa, CK_VOID_PTR p,
                         CK_ULONG pl)
 {
     if (c->rep.version != 4)
@@ -161,9 +137,9 @@ static CK_RV crypt_message(unsigned proc, int encrypting, CK_SESSION_HANDLE s, C
     a[3].ptr = in;
     a[3].len = inl;
     a[4].h = out != NULL ? (uint64_t)*outl : P11G_OUT_LEN_NULL;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    rv = run(proc, a, &c, &mrv);
+    rv = p11g_run(proc, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     rv = CKR_OK;
@@ -201,9 +177,9 @@ static CK_RV crypt_begin(unsigned proc, int encrypting, CK_SESSION_HANDLE s, CK_
     a[0].h = s;
     a[2].ptr = ad;
     a[2].len = adl;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    rv = run(proc, a, &c, &mrv);
+    rv = p11g_run(proc, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     rv = mrv == CKR_OK ? param_back(&c, &a[1], p, pl) : mrv;
@@ -239,9 +215,9 @@ static CK_RV crypt_next(unsigned proc, int encrypting, CK_SESSION_HANDLE s, CK_V
     a[2].len = inl;
     a[3].h = out != NULL ? (uint64_t)*outl : P11G_OUT_LEN_NULL;
     a[4].h = flags;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    rv = run(proc, a, &c, &mrv);
+    rv = p11g_run(proc, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     rv = CKR_OK;
@@ -279,9 +255,9 @@ P11G_EXPORT CK_RV C_SignMessage(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl,
     a[2].ptr = d;
     a[2].len = dl;
     a[3].h = sig != NULL ? (uint64_t)*sigl : P11G_OUT_LEN_NULL;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    rv = run(P11G_PROC_SignMessage, a, &c, &mrv);
+    rv = p11g_run(P11G_PROC_SignMessage, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     rv = p11g_v4_output(&c.rep, &c.r[1], &c.r[2], mrv, sig, sigl);
@@ -309,9 +285,9 @@ P11G_EXPORT CK_RV C_SignMessageNext(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG
     a[2].len = dl;
     a[3].h = sigl != NULL;
     a[4].h = sigl != NULL && sig != NULL ? (uint64_t)*sigl : P11G_OUT_LEN_NULL;
-    struct call c;
+    struct p11g_result c;
     CK_RV mrv;
-    rv = run(P11G_PROC_SignMessageNext, a, &c, &mrv);
+    rv = p11g_run(P11G_PROC_SignMessageNext, a, &c, &mrv);
     if (rv != CKR_OK)
         return rv;
     if (sigl != NULL)
@@ -333,7 +309,7 @@ static CK_RV message_begin(unsigned proc, CK_SESSION_HANDLE s, CK_VOID_PTR p, CK
     if (rv != CKR_OK)
         return rv;
     a[0].h = s;
-    return simple(proc, a);
+    return p11g_simple(proc, a);
 }
 
 P11G_EXPORT CK_RV C_SignMessageBegin(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl)
@@ -364,7 +340,7 @@ P11G_EXPORT CK_RV C_VerifyMessage(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG p
     a[2].len = dl;
     a[3].ptr = sig;
     a[3].len = sigl;
-    return simple(P11G_PROC_VerifyMessage, a);
+    return p11g_simple(P11G_PROC_VerifyMessage, a);
 }
 
 /* VerifyMessageNext: H Y O H(final) O(signature) -> H; final when pSignature
@@ -388,7 +364,7 @@ P11G_EXPORT CK_RV C_VerifyMessageNext(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULO
     a[3].h = sig != NULL;
     a[4].ptr = sig;
     a[4].len = sig != NULL ? sigl : 0;
-    return simple(P11G_PROC_VerifyMessageNext, a);
+    return p11g_simple(P11G_PROC_VerifyMessageNext, a);
 }
 
 #define FUNCTIONS_2_40                                                                         \

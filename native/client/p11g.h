@@ -180,6 +180,17 @@ P11G_HIDDEN unsigned long p11g_generation(void);
  * module's rv (see p11g_rv). */
 P11G_HIDDEN CK_RV p11g_call(unsigned proc, const struct p11g_arg *args, struct p11g_res *res,
                             struct p11g_reply *rep);
+
+/* One call's decoded result and the reply buffer it points into (functions.c). */
+struct p11g_result {
+    struct p11g_res r[6];
+    struct p11g_reply rep;
+};
+/* Runs proc; on CKR_OK the module's rv is in *mrv and the reply must be freed. */
+P11G_HIDDEN CK_RV p11g_run(unsigned proc, const struct p11g_arg *a, struct p11g_result *c,
+                           CK_RV *mrv);
+/* For procedures whose result is only the rv. */
+P11G_HIDDEN CK_RV p11g_simple(unsigned proc, const struct p11g_arg *a);
 P11G_HIDDEN CK_RV p11g_rv(uint64_t wire_rv);
 P11G_HIDDEN void p11g_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
