@@ -29,7 +29,7 @@ from p11guard.config.model import (
 )
 from p11guard.config.policyfile import load_policy_file
 from p11guard.policy.model import MODES, ConfigError, Mode
-from p11guard.policy.readers.common import ReadResult
+from p11guard.policy.readers.common import ReadResult, nth_matching_line
 from p11guard.policy.readers.toml import policy_from_mapping, toml_error
 
 TOP_KEYS = frozenset({"server", "listen", "tls", "modules", "policy", "identity", "sandbox"})
@@ -47,14 +47,7 @@ class _Ctx:
         self.base = os.path.dirname(os.path.abspath(file))
 
     def line_of(self, pattern: str, nth: int = 0) -> int | None:
-        rx = re.compile(pattern)
-        count = 0
-        for number, line in enumerate(self.lines, 1):
-            if rx.match(line):
-                if count == nth:
-                    return number
-                count += 1
-        return None
+        return nth_matching_line(self.lines, pattern, nth)
 
     def key_line(self, key: str) -> int | None:
         return self.line_of(rf"\s*{re.escape(key)}\s*=")

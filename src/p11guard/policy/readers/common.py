@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,20 @@ def check_pattern(pattern: str, loc: Location | None, option: str, what: str) ->
         ) from None
 
 
-_RULE_OPTIONS = (
+def nth_matching_line(lines: list[str], pattern: str, nth: int = 0) -> int | None:
+    """The 1-based number of the ``nth`` line matching ``pattern`` (for error locations)."""
+    rx = re.compile(pattern)
+    count = 0
+    for number, line in enumerate(lines, 1):
+        if rx.match(line):
+            if count == nth:
+                return number
+            count += 1
+    return None
+
+
+# The options that are lists of per-alias rules, in Caml Crush's order.
+RULE_OPTIONS = (
     "forbidden_mechanisms",
     "allowed_labels",
     "allowed_ids",
@@ -88,7 +102,7 @@ def check_policy(policy: Policy, mode: Mode, *, cross: bool = True) -> list[str]
     aliases = [m.alias for m in policy.modules]
     uses_wrap_format = False
     wrap_format_at: Location | None = None  # the first rule using wrapping_format_patch
-    for option in _RULE_OPTIONS:
+    for option in RULE_OPTIONS:
         rules: tuple[Rule[Any], ...] = getattr(policy, option)
         for rule in rules:
             check_pattern(rule.alias_pattern, rule.location, option, "alias")

@@ -24,7 +24,12 @@ from p11guard.policy.model import (
     Policy,
     Rule,
 )
-from p11guard.policy.readers.common import ReadResult, check_policy, parse_hex_key
+from p11guard.policy.readers.common import (
+    RULE_OPTIONS,
+    ReadResult,
+    check_policy,
+    parse_hex_key,
+)
 from p11guard.policy.readers.names import (
     FUNCTION_NAMES,
     is_action_name,
@@ -35,21 +40,7 @@ from p11guard.policy.readers.ocamlvalue import Entry, Value, parse
 
 T = TypeVar("T")
 
-OPTIONS = (
-    "debug",
-    "log_subchannel",
-    "modules",
-    "forbidden_mechanisms",
-    "allowed_labels",
-    "allowed_ids",
-    "forbidden_functions",
-    "enforce_ro_sessions",
-    "forbid_admin_operations",
-    "remove_padding_oracles",
-    "filter_actions_pre",
-    "filter_actions_post",
-    "wrapping_format_key",
-)
+OPTIONS = ("debug", "log_subchannel", "modules", *RULE_OPTIONS, "wrapping_format_key")
 # Misspellings found in Caml Crush's own documentation.
 _HINTS = {
     "filter_actions": "use filter_actions_pre or filter_actions_post",

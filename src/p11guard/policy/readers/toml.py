@@ -39,7 +39,12 @@ from p11guard.policy.model import (
     Preset,
     Rule,
 )
-from p11guard.policy.readers.common import ReadResult, check_policy, parse_hex_key
+from p11guard.policy.readers.common import (
+    ReadResult,
+    check_policy,
+    nth_matching_line,
+    parse_hex_key,
+)
 from p11guard.policy.readers.names import FUNCTION_NAMES, is_action_name, mechanism_value
 
 T = TypeVar("T")
@@ -74,14 +79,7 @@ class _Locator:
         self.prefix = prefix  # "" or "policy." for a server configuration
 
     def _find(self, pattern: str, nth: int = 0) -> int | None:
-        rx = re.compile(pattern)
-        count = 0
-        for number, line in enumerate(self.lines, 1):
-            if rx.match(line):
-                if count == nth:
-                    return number
-                count += 1
-        return None
+        return nth_matching_line(self.lines, pattern, nth)
 
     def key(self, key: str) -> Location:
         line = self._find(rf"\s*[\"']?{re.escape(key)}[\"']?\s*=")
