@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from p11guard.pkcs11 import constants as c
-from p11guard.policy.rules.base import EngineState, Unit
+from p11guard.policy.rules.base import EngineState, Unit, refill_find_objects
 from p11guard.policy.rules.calls import Call, FunctionSpec
 
 CK_UNAVAILABLE_INFORMATION: Final = (1 << 64) - 1
@@ -195,32 +195,9 @@ MAX_REFILLS: Final = 10_000
 
 
 def prune_find_objects(unit: Unit, call: Call, result: Any, blocked: Any) -> Any:
-    """Drop handles for which ``blocked(session, handle)`` is true, asking the
-    token for more so that a full answer still means "maybe more" (a client
-    reading one handle at a time must not stop at the first hidden key)."""
-    rv, handles = result
-    if rv != c.CKR_OK:
-        return result
-    session, max_count = int(call.args[0]), int(call.args[1])
-    keep = [h for h in handles if not blocked(session, h)]
-    dropped = len(handles) - len(keep)
-    fetched = len(handles)
-    refills = 0
-    while fetched == max_count and len(keep) < max_count and refills < MAX_REFILLS:
-        refills += 1
-        want = max_count - len(keep)
-        rv, more = unit.state.backend.find_objects(session, want)
-        if rv != c.CKR_OK:
-            return (rv, []) if not keep else (c.CKR_OK, keep)
-        fetched = max_count if len(more) == want else len(more)
-        for h in more:
-            if blocked(session, h):
-                dropped += 1
-            else:
-                keep.append(h)
-    if dropped:
-        unit.state.audit.rewrite(call.function, unit.name, f"{dropped} key(s) hidden")
-    return (c.CKR_OK, keep)
+    """Use-time patches hide from C_FindObjects the keys they would refuse."""
+    return refill_find_objects(unit.state, call, result, blocked, rule=unit.name,
+                               note="{n} key(s) hidden", max_refills=MAX_REFILLS)
 
 
 # -- strict mode: key pairs are linked ---------------------------------------------------

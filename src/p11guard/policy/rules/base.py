@@ -10,6 +10,7 @@ their ``after`` steps.  See docs/filter.md for the contract.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,3 +122,39 @@ class Unit:
     def active(cls, policy: EffectivePolicy) -> bool:
         """Whether ``policy`` turns this option on at all (built-in options)."""
         return True
+
+
+def refill_find_objects(state: EngineState, call: Call, result: Any,
+                        blocked: Callable[[int, int], bool], *, rule: str, note: str,
+                        max_refills: int) -> Any:
+    """C_FindObjects without the handles ``blocked(session, handle)`` refuses.
+
+    When the token filled the caller's buffer there may be more, so the gap is
+    asked for again: a full answer still means "maybe more" (a client reading
+    one handle at a time must not stop at the first hidden object).  ``note``
+    is the audit text, with ``{n}`` for the number of dropped handles.
+    """
+    rv, handles = result
+    if rv != c.CKR_OK:
+        return result
+    session, max_count = int(call.args[0]), int(call.args[1])
+    keep = [h for h in handles if not blocked(session, h)]
+    dropped = len(handles) - len(keep)
+    fetched = len(handles)
+    refills = 0
+    while fetched == max_count and len(keep) < max_count and refills < max_refills:
+        refills += 1
+        want = max_count - len(keep)
+        rv, more = state.backend.find_objects(session, want)
+        if rv != c.CKR_OK:
+            # Report the error now only if there is nothing to give.
+            return (rv, []) if not keep else (c.CKR_OK, keep)
+        fetched = len(more) if len(more) < want else max_count
+        for h in more:
+            if blocked(session, h):
+                dropped += 1
+            else:
+                keep.append(h)
+    if dropped:
+        state.audit.rewrite(call.function, rule, note.format(n=dropped))
+    return (c.CKR_OK, keep)

@@ -31,6 +31,7 @@ from p11guard.policy.rules.base import (
     STAGE_VISIBILITY,
     EngineState,
     Unit,
+    refill_find_objects,
 )
 from p11guard.policy.rules.calls import (
     CREATION_TEMPLATE,
@@ -169,29 +170,7 @@ class ObjectVisibility(Unit):
     def after(self, call: Call, result: Any) -> Any:
         if call.spec.method != "find_objects":
             return result
-        rv, handles = result
-        if rv != c.CKR_OK:
-            return result
-        session, max_count = call.args[0], call.args[1]
-        visible = [h for h in handles if self._hidden(call, h) is None]
-        dropped = len(handles) - len(visible)
-        fetched = len(handles)
-        refills = 0
-        # The token filled the caller's buffer: there may be more, ask for the gap.
-        while fetched == max_count and len(visible) < max_count and refills < MAX_REFILLS:
-            refills += 1
-            want = max_count - len(visible)
-            rv, more = self.state.backend.find_objects(session, want)
-            if rv != c.CKR_OK:
-                # Report the error now only if there is nothing to give.
-                return (rv, []) if not visible else (c.CKR_OK, visible)
-            fetched = len(more) if len(more) < want else max_count
-            for h in more:
-                if self._hidden(call, h) is None:
-                    visible.append(h)
-                else:
-                    dropped += 1
-        if dropped:
-            self.state.audit.rewrite(call.function, "object_visibility",
-                                     f"{dropped} hidden handle(s) dropped")
-        return (c.CKR_OK, visible)
+        return refill_find_objects(
+            self.state, call, result, lambda _session, h: self._hidden(call, h) is not None,
+            rule="object_visibility", note="{n} hidden handle(s) dropped",
+            max_refills=MAX_REFILLS)
