@@ -17,6 +17,7 @@
  * SSL calls themselves and never holds its lock while waiting. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -27,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -244,7 +246,9 @@ static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct 
             }
             continue;
         }
-        ssize_t r = recv(c->fd, into, cap, MSG_DONTWAIT);
+        /* A plain socket is blocking with SO_RCVTIMEO (see p11g_conn_open):
+         * one recv() per reply instead of recv() + poll() + recv(). */
+        ssize_t r = recv(c->fd, into, cap, 0);
         if (r > 0) {
             if (into == dst) {
                 dst += r;
@@ -260,9 +264,9 @@ static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct 
         if (errno == EINTR)
             continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            int w = wait_fd(c->fd, POLLIN, deadline);
-            if (w != P11G_OK)
-                return w;
+            /* SO_RCVTIMEO expired (or a spurious wake-up): the deadline decides. */
+            if (ms_left(deadline) == 0)
+                return P11G_E_TIMEOUT;
             continue;
         }
         return P11G_E_NET;
@@ -564,6 +568,19 @@ static int open_socket(const struct p11g_config *cfg, const struct timespec *dea
     return fd;
 }
 
+/* Replies are read with a blocking recv() bounded by SO_RCVTIMEO (the RPC
+ * timeout); sends stay non-blocking per call (MSG_DONTWAIT) and poll only when
+ * the socket buffer is full.  TLS keeps the non-blocking socket: OpenSSL's
+ * reads and writes are driven by poll(). */
+static int make_blocking(int fd, int timeout_s)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0)
+        return -1;
+    struct timeval tv = {.tv_sec = timeout_s, .tv_usec = 0};
+    return setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
 int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *err,
                    size_t errlen)
 {
@@ -580,6 +597,10 @@ int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *
             close(fd);
             return r;
         }
+    } else if (make_blocking(fd, cfg->timeout_s) != 0) {
+        snprintf(err, errlen, "socket options: %s", strerror(errno));
+        close(fd);
+        return P11G_E_NET;
     }
     struct p11g_conn *c = calloc(1, sizeof *c);
     if (c == NULL) {

@@ -10,6 +10,18 @@ takes the session's lock *before* giving up leadership.  Replies carry the
 call's XID and are written whole under a send lock, possibly out of order.
 
 A client that sends one call at a time (Caml Crush's) sees a plain serial server.
+
+Fast path: while no call runs on another thread, the leader reads each call
+straight from its receive buffer (one whole single-fragment record is checked
+with one unpack, :func:`p11guard.wire.rpc.match_simple_call`), runs it and
+sends the reply without taking any lock.  A call that should run on its own
+thread, and everything unusual (several records in one read, fragments,
+protocol errors, TLS), goes through :class:`~p11guard.wire.rpc.RecordReader`.
+
+When to run a long call on its own thread: only while the client has shown
+recently (:data:`CONCURRENCY_MEMORY`) that it keeps several calls in flight:
+a call arrived while another one was running, or data was waiting when a long
+call finished.  A single-threaded client never pays a thread hand-over.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,6 +65,11 @@ QUICK_PROCEDURES = frozenset(
     )
 )
 SWITCH_INTERVAL = 0.0002
+# A call that ran at least this long on the leader, with the next call already
+# waiting when it finished, shows that the client overlaps calls.
+LONG_CALL = 0.0002
+# How long (seconds) that evidence keeps long calls running on their own threads.
+CONCURRENCY_MEMORY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +111,12 @@ class Connection:
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         self._recv_into = getattr(sock, "recv_into", None)
-        self._pipelined = False
+        self._handler = handler  # the handler of self.version (fixed by the first call)
+        self._concurrent_until = 0.0  # monotonic time until which long calls are handed off
+        # Calls running on threads other than the leader (until their reply is
+        # sent), and those of them whose reply is not computed yet.
+        self._busy = 0
+        self._unanswered = 0
         self.reader = RecordReader(settings.limits.max_record_size)
         self._leader = threading.Lock()
         self._send = threading.Lock()
@@ -135,40 +158,111 @@ class Connection:
             with self._state:
                 self._waiting -= 1
             try:
-                while True:
-                    if self._closed:
-                        return
-                    work = self._next_call()
-                    if work is None:
-                        self._closed = True
-                        return
-                    xid, number, body = work
-                    session_lock = self._session_lock(number, body)
-                    if session_lock is not None:
-                        session_lock.acquire()
-                    if (number in QUICK_PROCEDURES or not self._pipelined
-                            or self.settings.max_threads == 1):
-                        # Run the call on the leader itself: handing leadership to
-                        # another thread costs a thread wake-up and a GIL hand-over
-                        # (~60 us), worth it only when the client really has other
-                        # calls in flight and this one may take long.
-                        try:
-                            self._execute(xid, number, body)
-                        finally:
-                            if session_lock is not None:
-                                session_lock.release()
-                        if number not in QUICK_PROCEDURES and not self._pipelined:
-                            self._pipelined = self._more_pending()
-                        continue
-                    self._maybe_spawn()
-                    break
+                work = None if self._closed else self._lead()
+                if work is None:
+                    self._closed = True
+                    return
+                xid, number, body, session_lock = work
+                with self._state:
+                    self._busy += 1
+                    self._unanswered += 1
+                self._maybe_spawn()
             finally:
                 self._leader.release()
+            answered = False
             try:
-                self._execute(xid, number, body)
+                reply = self._reply(xid, number, body)
+                with self._state:
+                    self._unanswered -= 1
+                answered = True
+                self._send_bytes(reply)
             finally:
                 if session_lock is not None:
                     session_lock.release()
+                with self._state:
+                    self._busy -= 1
+                    if not answered:
+                        self._unanswered -= 1
+
+    def _lead(self) -> tuple[int, int, memoryview, threading.Lock | None] | None:
+        """As the leader, serve calls until one should run on its own thread.
+
+        Returns that call with its session lock held, or None when the
+        connection is over.
+        """
+        recv_into = self._recv_into
+        rbuf = self._rbuf
+        program = PROGRAM
+        while not self._closed:
+            if (recv_into is not None and not self._busy and self.version is not None
+                    and not self.reader.ready and not self.reader.buffered):
+                # The fast path (module docstring): nothing else runs, so no locks.
+                try:
+                    n = recv_into(rbuf)
+                except OSError as exc:
+                    if not self._closed:
+                        log.debug("connection error: %s", exc)
+                    return None
+                if not n:
+                    return None
+                simple = rpc.match_simple_call(rbuf, n, program)
+                if (simple is not None and simple[1] == self.version
+                        and simple[2] in self._codecs and self._runs_inline(simple[2])):
+                    xid, _, number = simple
+                    body = self._rview[rpc.FRAMED_CALL_HEADER_SIZE:n]
+                    self._run_inline(xid, number, body, self._send_unlocked)
+                    continue
+                try:
+                    self.reader.feed(self._rview[:n].tobytes())
+                except rpc.RecordTooLarge as exc:
+                    log.warning("closing connection: %s", exc)
+                    return None
+            work = self._next_call()
+            if work is None:
+                return None
+            xid, number, body = work
+            session_lock = self._session_lock(number, body)
+            if session_lock is not None:
+                session_lock.acquire()
+            if self._unanswered:
+                # A call arrived before the answer to another one: the client
+                # overlaps calls.
+                self._concurrent_until = time.monotonic() + CONCURRENCY_MEMORY
+            if not self._runs_inline(number):
+                return xid, number, body, session_lock
+            try:
+                self._run_inline(xid, number, body, self._send_bytes)
+            finally:
+                if session_lock is not None:
+                    session_lock.release()
+        return None
+
+    def _runs_inline(self, number: int) -> bool:
+        """Run this call on the leader itself (rather than hand leadership over)?
+
+        Handing over costs a thread wake-up and a GIL hand-over (~60 us): worth
+        it only for a call that may take long while the client has other calls
+        in flight.
+        """
+        if number in QUICK_PROCEDURES or self.settings.max_threads == 1:
+            return True
+        return time.monotonic() >= self._concurrent_until
+
+    def _run_inline(self, xid: int, number: int, body: memoryview,
+                    send: Callable[[bytes | bytearray], None]) -> None:
+        """Run a call on the leader; note when the client overlapped a long one."""
+        if number in QUICK_PROCEDURES:
+            send(self._reply(xid, number, body))
+            return
+        started = time.monotonic()
+        reply = self._reply(xid, number, body)
+        finished = time.monotonic()
+        # Before the reply goes out: afterwards a serial client's next call may
+        # already be there, and would look like an overlapping one.
+        if (finished - started >= LONG_CALL and self.settings.max_threads > 1
+                and self._more_pending()):
+            self._concurrent_until = finished + CONCURRENCY_MEMORY
+        send(reply)
 
     def _more_pending(self) -> bool:
         """Did the client send another call while we ran a long one?
@@ -284,45 +378,53 @@ class Connection:
             # Set by the leader before any call runs: later calls see it.
             self.version = call.version
             self._codecs = codecs
+            self._handler = self.handlers[call.version]
         return xid, call.procedure, memoryview(record)[call.body_offset :]
 
     # -- executing ------------------------------------------------------------------
 
     def _execute(self, xid: int, number: int, body: memoryview) -> None:
+        self._send_bytes(self._reply(xid, number, body))
+
+    def _reply(self, xid: int, number: int, body: memoryview) -> bytes | bytearray:
+        """Decode, run and encode one call: the framed reply, ready to send."""
         codec = self._codecs[number]
         try:
             args = codec.args.decode(body, self.settings.limits)
         except XdrError as exc:
             log.warning("%s: garbage arguments: %s", codec.procedure.c_name, exc)
-            self._send_record(rpc.garbage_args_reply(xid))
-            return
+            return rpc.frame(rpc.garbage_args_reply(xid))
         try:
-            result = self.handlers[self.version or VERSION_CAMLCRUSH](number, args)
+            result = self._handler(number, args)
         except Exception:  # one bad call must not end the worker
             log.exception("%s failed unexpectedly", codec.procedure.c_name)
             result = rv_only_result(codec.procedure, CKR_GENERAL_ERROR)
-        packer = Packer()
+        # Record mark, reply header and result in one buffer: one send.
+        buf = rpc.new_reply_buffer()
         try:
-            codec.result.encode_into(packer, result)
+            codec.result.encode_into(Packer(buf), result)
         except Exception:  # a malformed backend answer becomes an error code
             log.exception("%s: cannot encode the result", codec.procedure.c_name)
-            packer = Packer()
-            codec.result.encode_into(packer, rv_only_result(codec.procedure, CKR_GENERAL_ERROR))
-        payload = packer.buffer()
+            buf = rpc.new_reply_buffer()
+            codec.result.encode_into(Packer(buf),
+                                     rv_only_result(codec.procedure, CKR_GENERAL_ERROR))
         self.calls += 1
-        if len(payload) + 24 <= rpc.MAX_FRAGMENT:
-            # One fragment, one buffer, one send: record mark and header packed at once.
-            self._send_bytes(rpc.framed_success_header(xid, len(payload)) + payload)
-        else:
-            self._send_record(rpc.success_reply_header(xid) + bytes(payload))
+        if rpc.finish_reply(buf, xid):
+            return buf
+        return rpc.frame(rpc.success_reply_header(xid) +
+                         bytes(buf[rpc.FRAMED_REPLY_HEADER_SIZE:]))
 
     def _send_record(self, record: bytes) -> None:
         self._send_bytes(rpc.frame(record))
 
     def _send_bytes(self, data: bytes | bytearray) -> None:
         with self._send:
-            try:
-                self.sock.sendall(data)
-            except OSError as exc:
-                log.debug("send failed: %s", exc)
-                self.shutdown()
+            self._send_unlocked(data)
+
+    def _send_unlocked(self, data: bytes | bytearray) -> None:
+        """Send without the send lock: only when no other thread can be sending."""
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            log.debug("send failed: %s", exc)
+            self.shutdown()

@@ -35,6 +35,9 @@ _HDR = struct.Struct(">I")
 _REPLY_HEAD = struct.Struct(">IIIIII")  # xid, REPLY, ACCEPTED, verf flavor, verf len, stat
 _FRAMED_REPLY_HEAD = struct.Struct(">IIIIIII")  # record mark + the above
 _CALL_HEAD = struct.Struct(">IIIIIIIIII")
+_FRAMED_CALL_HEAD = struct.Struct(">IIIIIIIIIII")  # record mark + _CALL_HEAD
+FRAMED_CALL_HEADER_SIZE = _FRAMED_CALL_HEAD.size  # where a framed simple call's body starts
+FRAMED_REPLY_HEADER_SIZE = _FRAMED_REPLY_HEAD.size
 
 
 class AcceptStat(enum.IntEnum):
@@ -44,6 +47,9 @@ class AcceptStat(enum.IntEnum):
     PROC_UNAVAIL = 3
     GARBAGE_ARGS = 4
     SYSTEM_ERR = 5
+
+
+_SUCCESS = int(AcceptStat.SUCCESS)  # a plain int packs faster than the enum member
 
 
 class RejectStat(enum.IntEnum):
@@ -215,6 +221,45 @@ def parse_call(record: bytes) -> Call:
             raise BadCall(xid, auth_error_reply(xid, AuthStat.AUTH_BADCRED), str(exc)) from None
         raise RpcError(str(exc)) from None
     return Call(xid, program, version, procedure, cred_flavor, verf_flavor, u.position)
+
+
+def match_simple_call(data: bytes | bytearray, length: int,
+                      program: int) -> tuple[int, int, int] | None:
+    """``(xid, version, procedure)`` when ``data[:length]`` is exactly one whole
+    single-fragment CALL of ``program`` with empty AUTH_NONE credentials, else None.
+
+    The arguments then start at :data:`FRAMED_CALL_HEADER_SIZE`.  This is the
+    shape of every call a Caml Crush or p11guard client sends one at a time; a
+    server checks it with one unpack instead of reassembling and parsing the
+    record (anything else goes through :class:`RecordReader` and
+    :func:`parse_call`, which also produce the error replies).
+    """
+    if length < FRAMED_CALL_HEADER_SIZE:
+        return None
+    (mark, xid, mtype, rpcvers, prog, version, procedure,
+     cflavor, clen, vflavor, vlen) = _FRAMED_CALL_HEAD.unpack_from(data, 0)
+    if (mark != LAST_FRAGMENT | (length - 4) or mtype != CALL or rpcvers != RPC_VERSION
+            or prog != program or cflavor != AUTH_NONE or clen or vflavor != AUTH_NONE
+            or vlen):
+        return None
+    return xid, version, procedure
+
+
+def new_reply_buffer() -> bytearray:
+    """A buffer for one framed success reply: room for the record mark and the
+    reply header, the result is appended after them (:func:`finish_reply`)."""
+    return bytearray(FRAMED_REPLY_HEADER_SIZE)
+
+
+def finish_reply(buf: bytearray, xid: int) -> bool:
+    """Fill in the record mark and success header of a :func:`new_reply_buffer`
+    buffer; False (buffer untouched) when the reply needs several fragments."""
+    length = len(buf) - 4
+    if length > MAX_FRAGMENT:
+        return False
+    _FRAMED_REPLY_HEAD.pack_into(buf, 0, LAST_FRAGMENT | length, xid, REPLY, MSG_ACCEPTED,
+                                 AUTH_NONE, 0, _SUCCESS)
+    return True
 
 
 def call(xid: int, program: int, version: int, procedure: int, body: bytes) -> bytes:

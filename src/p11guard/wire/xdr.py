@@ -25,8 +25,9 @@ class Packer:
 
     __slots__ = ("_buf",)
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
+    def __init__(self, buf: bytearray | None = None) -> None:
+        """Append to ``buf`` (e.g. after room left for a header) or to a new buffer."""
+        self._buf = bytearray() if buf is None else buf
 
     def uint(self, value: int) -> None:
         self._buf += _U32.pack(value & 0xFFFFFFFF)
