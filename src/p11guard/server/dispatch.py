@@ -188,11 +188,22 @@ class Dispatcher:
         result_len = len(proc.result)
         pin_positions = tuple(i for i, c in enumerate(spec.args) if c == "pin")
 
+        # Most procedures take handles and data as they are: no conversion pass.
+        as_is = all(c is _identity for c in converters)
+
         def handler(args: tuple[Any, ...]) -> tuple[Any, ...]:
-            module = self._require_module()
-            call_args = [conv(a) for conv, a in zip(converters, args, strict=True)]
-            if pin_positions:
-                self._protected_path_pins(module, call_args, pin_positions, session=args[0])
+            module = self.state.module
+            if module is None:
+                raise _Refuse(CKR_CRYPTOKI_NOT_INITIALIZED)
+            call_args: Sequence[Any]
+            if as_is:
+                call_args = args
+            else:
+                converted = [conv(a) for conv, a in zip(converters, args, strict=True)]
+                if pin_positions:
+                    self._protected_path_pins(module, converted, pin_positions,
+                                              session=args[0])
+                call_args = converted
             method = getattr(module, method_name)
             if shape == "rv":
                 return (method(*call_args),)
@@ -396,7 +407,8 @@ class Dispatcher:
 
     # -- output buffers ---------------------------------------------------------
 
-    def _output_call(self, method: Callable[..., Any], call_args: list[Any]) -> tuple[Any, ...]:
+    def _output_call(self, method: Callable[..., Any],
+                     call_args: Sequence[Any]) -> tuple[Any, ...]:
         data = call_args[-1] if call_args and isinstance(call_args[-1], bytes) else b""
         guess = len(data) + OUTPUT_SLACK
         rv, out, needed = method(*call_args, guess)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..pkcs11 import attributes as attrs
@@ -46,6 +46,7 @@ from .dispatch import (
     CKR_OK,
     OUTPUT_SLACK,
     Dispatcher,
+    _identity,
     _pin,
     _Refuse,
 )
@@ -155,13 +156,17 @@ class DispatcherV4:
         shape = spec.shape
         result_len = len(proc.result)
 
+        # Handles and data pass as they are: then no conversion pass per call.
+        as_is = all(c is _identity for c in converters)
+
         def handler(args: tuple[Any, ...]) -> tuple[Any, ...]:
             module = self.base._require_module()
             method = getattr(module, method_name)
             if shape == "out":
-                call_args = [c(a) for c, a in zip(converters, args[:-1], strict=True)]
-                return self._output_call(method, call_args, args[-1])
-            call_args = [c(a) for c, a in zip(converters, args, strict=True)]
+                out_args = [c(a) for c, a in zip(converters, args[:-1], strict=True)]
+                return self._output_call(method, out_args, args[-1])
+            call_args: Sequence[Any] = (
+                args if as_is else [c(a) for c, a in zip(converters, args, strict=True)])
             if shape == "rv":
                 return (method(*call_args),)
             answer = method(*call_args)
@@ -173,7 +178,7 @@ class DispatcherV4:
 
     def _converter(self, code: str) -> Callable[[Any], Any]:
         if code in ("h", "data"):
-            return lambda v: v
+            return _identity
         if code == "pin":
             return _pin
         if code == "mech":

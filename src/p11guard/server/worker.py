@@ -210,7 +210,10 @@ class Connection:
                         and simple[2] in self._codecs and self._runs_inline(simple[2])):
                     xid, _, number = simple
                     body = self._rview[rpc.FRAMED_CALL_HEADER_SIZE:n]
-                    self._run_inline(xid, number, body, self._send_unlocked)
+                    if number in QUICK_PROCEDURES:
+                        self._send_unlocked(self._reply(xid, number, body))
+                    else:
+                        self._run_inline(xid, number, body, self._send_unlocked)
                     continue
                 try:
                     self.reader.feed(self._rview[:n].tobytes())

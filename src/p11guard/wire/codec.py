@@ -150,9 +150,15 @@ def _struct_codec(kind: Kind) -> tuple[_Enc, _Dec]:
         by_attr = operator.attrgetter(*names)
         by_key = operator.itemgetter(*names)
 
+        # Getter per value type: isinstance(v, Mapping) (an ABC check) would cost
+        # more than the packing itself on every call.
+        getters: dict[type, Callable[[Any], Any]] = {}
+
         def enc_flat(p: Packer, v: Any) -> None:
-            p.buffer().extend(packer_struct.pack(*(by_key(v) if isinstance(v, Mapping)
-                                                   else by_attr(v))))
+            getter = getters.get(type(v))
+            if getter is None:
+                getter = getters[type(v)] = by_key if isinstance(v, Mapping) else by_attr
+            p.buffer().extend(packer_struct.pack(*getter(v)))
 
         def dec_flat(u: Unpacker, lim: Limits) -> dict[str, Any]:
             return dict(zip(names, u.fixed(packer_struct), strict=True))
