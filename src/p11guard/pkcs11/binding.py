@@ -304,7 +304,8 @@ class Module:
     One process should hold one initialised instance per module.
     """
 
-    __slots__ = ("_available", "_f", "_lib", "interface_30", "path", "version")
+    __slots__ = ("_available", "_f", "_flist_address", "_lib", "interface_30", "path",
+                 "version")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -322,6 +323,7 @@ class Module:
         self._available: frozenset[str] = frozenset(
             name for name in names if getattr(flist, name) != NULL
         )
+        self._flist_address = int(ffi.cast("uintptr_t", flist))
 
     def _function_list(self, lib: Any) -> tuple[Any, Version, bool]:
         """Prefer C_GetInterface("PKCS 11", 3.0); fall back to C_GetFunctionList."""
@@ -388,6 +390,14 @@ class Module:
         """
         self._f = _Functions(None, (), c.CKR_CRYPTOKI_NOT_INITIALIZED)
         self._available = frozenset()
+        self._flist_address = 0
+
+    def fast_path_functions(self) -> tuple[int, frozenset[str]] | None:
+        """The CK_FUNCTION_LIST address and the functions it really has (non-NULL),
+        for the worker's C fast path (server/fastpath.py); None once closed."""
+        if not self._flist_address:
+            return None
+        return self._flist_address, self._available
 
     # -- general ----------------------------------------------------------------
 

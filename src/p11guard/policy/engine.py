@@ -150,6 +150,18 @@ class PolicyModule:
         """Always None: a raw C pointer would bypass the policy."""
         return None
 
+    def fast_path_functions(self) -> tuple[int, frozenset[str]] | None:
+        """The backend's function-list address and those of its functions that no
+        unit of the policy acts on: the worker's C fast path may call exactly
+        these directly (their method here *is* the backend's)."""
+        backend = getattr(self._backend, "fast_path_functions", None)
+        found = backend() if backend is not None else None
+        if found is None:
+            return None
+        address, available = found
+        return address, frozenset(name for name in available
+                                  if name in self.pipelines and not self.pipelines[name])
+
     def close(self) -> None:
         self._backend.close()
 

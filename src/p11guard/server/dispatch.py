@@ -25,6 +25,7 @@ from ..pkcs11.mechparams import NATIVE_ARCH, Arch, ParamRefused, native_paramete
 from ..wire import procedures as procs
 from ..wire.codec import Limits, rv_only_result
 from ..wire.procedures import BY_NAME, Procedure
+from . import fastpath
 
 log = logging.getLogger("p11guard.dispatch")
 
@@ -122,6 +123,7 @@ class Dispatcher:
         # call it from two threads at once.
         self.serial = False
         self._serial_lock = threading.Lock()
+        self._fast_cache: tuple[object, fastpath.Plan] | None = None
         self._handlers: dict[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]] = {}
         self._build_handlers()
 
@@ -148,6 +150,28 @@ class Dispatcher:
         if self._on_call is not None:
             self._on_call(proc.c_name, result[0])
         return result
+
+    def fast_plan(self, version: int, long_procedures: frozenset[int]
+                  ) -> tuple[object, fastpath.Plan] | None:
+        """What the worker may serve in C now (server/fastpath.py), with a key that
+        changes when the plan does; None: every call goes through Python."""
+        st = self.state
+        library = fastpath.load()
+        if library is None or st.module is None or not st.initialized \
+                or self._on_call is not None:
+            return None
+        key = (st.module, version)  # the object itself: an id() may be reused
+        if self._fast_cache is not None and self._fast_cache[0] == key:
+            return self._fast_cache
+        functions = getattr(st.module, "fast_path_functions", None)
+        found = functions() if functions is not None else None
+        if found is None:  # a module the policy denies, or a closed one
+            return None
+        address, available = found
+        plan = library.plan(version, address, available, long_procedures,
+                            output_slack=OUTPUT_SLACK, max_list=self.limits.max_list_count)
+        self._fast_cache = (key, plan)
+        return self._fast_cache
 
     def close(self) -> None:
         """The client went away: finalize the module if the client did not."""

@@ -124,7 +124,8 @@ def make_worker_main(config: ServerConfig, options: ServeOptions, gate: Gate | N
                     wrapped, config.sandbox, lambda: connection.shutdown())
             handlers[version] = wrapped
         handler = handlers.pop(3)
-        connection = Connection(admission.stream, handler, settings, handlers)
+        connection = Connection(admission.stream, handler, settings, handlers,
+                                fast_plan=dispatcher.fast_plan)
         signal.signal(signal.SIGTERM, lambda *_: connection.shutdown())
         log.debug("worker serving %s", peer)
         try:

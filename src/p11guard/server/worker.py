@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket
 import sys
@@ -39,9 +40,10 @@ from typing import Any, Protocol
 
 from ..wire import rpc
 from ..wire.codec import CODECS_BY_VERSION, Limits, ProcedureCodec, rv_only_result
-from ..wire.procedures import BY_NAME, PROGRAM, VERSION_CAMLCRUSH, VERSION_P11GUARD
+from ..wire.procedures import BY_NAME, PROGRAM, TABLES, VERSION_CAMLCRUSH, VERSION_P11GUARD
 from ..wire.rpc import RecordReader
 from ..wire.xdr import Packer, XdrError
+from . import fastpath
 
 log = logging.getLogger("p11guard.worker")
 
@@ -81,6 +83,14 @@ class WorkerSettings:
 
 
 Handler = Callable[[int, tuple[Any, ...]], tuple[Any, ...]]
+# (version, procedures that may take long) -> (key, plan) or None: what the C fast
+# path may serve now (Dispatcher.fast_plan).
+FastPlanSource = Callable[[int, frozenset[int]], tuple[object, fastpath.Plan] | None]
+# Per protocol version, the procedures that are not quick.
+LONG_PROCEDURES: dict[int, frozenset[int]] = {
+    version: frozenset(n for n in table if n not in QUICK_PROCEDURES)
+    for version, table in TABLES.items()
+}
 
 
 class Stream(Protocol):
@@ -101,7 +111,8 @@ class Connection:
     """
 
     def __init__(self, sock: Stream, handler: Handler, settings: WorkerSettings,
-                 more_handlers: dict[int, Handler] | None = None) -> None:
+                 more_handlers: dict[int, Handler] | None = None, *,
+                 fast_plan: FastPlanSource | None = None) -> None:
         self.sock = sock
         self.handler = handler
         self.settings = settings
@@ -125,7 +136,20 @@ class Connection:
         self._waiting = 0
         self._threads: list[threading.Thread] = []
         self._closed = False
-        self.calls = 0
+        self._python_calls = 0
+        # The C fast path (fastpath.py): plain sockets only (TLS is read in Python).
+        self._fast_plan = fast_plan
+        self._fast: fastpath.FastPath | None = None
+        if fast_plan is not None and isinstance(sock, socket.socket):
+            library = fastpath.load()
+            if library is not None:
+                self._fast = library.connection()
+                self._fast.use_buffer(self._rbuf)
+
+    @property
+    def calls(self) -> int:
+        """Calls answered so far (in Python and in C)."""
+        return self._python_calls + (self._fast.served_calls if self._fast else 0)
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -197,14 +221,28 @@ class Connection:
             if (recv_into is not None and not self._busy and self.version is not None
                     and not self.reader.ready and not self.reader.buffered):
                 # The fast path (module docstring): nothing else runs, so no locks.
-                try:
-                    n = recv_into(rbuf)
-                except OSError as exc:
-                    if not self._closed:
-                        log.debug("connection error: %s", exc)
-                    return None
-                if not n:
-                    return None
+                if self._fast is not None and self._fast_ready():
+                    # In C until a call needs Python: then its bytes are in rbuf.
+                    n = self._fast.serve()
+                    if n <= 0:
+                        if n == fastpath.OVERLAP:
+                            self._concurrent_until = time.monotonic() + CONCURRENCY_MEMORY
+                            continue
+                        if n == fastpath.INTERRUPTED:
+                            continue  # a signal: its handler has run; check _closed
+                        if n != fastpath.EOF_ and not self._closed:
+                            log.debug("connection error in the C fast path (%d): %s", n,
+                                      os.strerror(self._fast.error))
+                        return None
+                else:
+                    try:
+                        n = recv_into(rbuf)
+                    except OSError as exc:
+                        if not self._closed:
+                            log.debug("connection error: %s", exc)
+                        return None
+                    if not n:
+                        return None
                 simple = rpc.match_simple_call(rbuf, n, program)
                 if (simple is not None and simple[1] == self.version
                         and simple[2] in self._codecs and self._runs_inline(simple[2])):
@@ -239,6 +277,24 @@ class Connection:
                 if session_lock is not None:
                     session_lock.release()
         return None
+
+    def _fast_ready(self) -> bool:
+        """May the C fast path take the socket now?  (Configures it when the
+        dispatcher's plan changed: module loaded, initialised, finalised.)"""
+        assert self._fast is not None and self._fast_plan is not None
+        if time.monotonic() < self._concurrent_until:
+            return False  # long calls are being handed to threads: Python decides
+        version = self.version or VERSION_CAMLCRUSH
+        found = self._fast_plan(version, LONG_PROCEDURES[version])
+        if found is None:
+            return False
+        key, plan = found
+        fileno = getattr(self.sock, "fileno", None)
+        if fileno is None:
+            return False
+        self._fast.configure(fileno(), version, plan, self.settings.limits,
+                             long_call=LONG_CALL, key=key)
+        return True
 
     def _runs_inline(self, number: int) -> bool:
         """Run this call on the leader itself (rather than hand leadership over)?
@@ -411,7 +467,7 @@ class Connection:
             buf = rpc.new_reply_buffer()
             codec.result.encode_into(Packer(buf),
                                      rv_only_result(codec.procedure, CKR_GENERAL_ERROR))
-        self.calls += 1
+        self._python_calls += 1
         if rpc.finish_reply(buf, xid):
             return buf
         return rpc.frame(rpc.success_reply_header(xid) +

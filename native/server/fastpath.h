@@ -1,0 +1,75 @@
+/*
+ * p11guard server fast path: the worker's call loop for the simplest calls,
+ * in C (see fastpath.c and docs/ARCHITECTURE.md, "Fast path in C").
+ *
+ * The Python worker fills a struct p11g_fast (which procedures may be served
+ * here, with which shape, and where the PKCS#11 function sits in the module's
+ * CK_FUNCTION_LIST) and calls p11g_fast_serve() with the GIL released.  The
+ * declarations are repeated in src/p11guard/server/fastpath.py (cffi cdef);
+ * p11g_fast_struct_size() lets Python check that both agree.
+ */
+#ifndef P11GUARD_FASTPATH_H
+#define P11GUARD_FASTPATH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define P11G_FAST_MAX_PROC 128
+
+/* Shapes: how arguments are decoded, the function called and the result encoded. */
+enum p11g_fast_shape {
+    P11G_SHAPE_NONE = 0,     /* not served here */
+    P11G_SHAPE_HANDLE,       /* (h) -> rv                      fn(h) */
+    P11G_SHAPE_SESSION_INFO, /* (s) -> rv, 4 words             fn(s, &info) */
+    P11G_SHAPE_OPEN_SESSION, /* (slot, flags) -> rv, handle    fn(slot, flags, NULL, NULL, &h) */
+    P11G_SHAPE_RANDOM,       /* (s, len) -> rv, bytes          fn(s, buf, len) */
+    P11G_SHAPE_DATA_OUT,     /* (s, data[, out_len]) -> rv, bytes[, len]  fn(s, d, dl, o, &ol) */
+    P11G_SHAPE_FINAL_OUT,    /* (s[, out_len]) -> rv, bytes[, len]        fn(s, o, &ol) */
+    P11G_SHAPE_DATA_IN,      /* (s, data) -> rv                fn(s, d, dl) */
+    P11G_SHAPE_DATA2_IN,     /* (s, data, data2) -> rv         fn(s, d, dl, d2, d2l) */
+    P11G_SHAPE_MECH,         /* (s, mech) -> rv                fn(s, &m)      no parameter */
+    P11G_SHAPE_MECH_KEY,     /* (s, mech, key) -> rv           fn(s, &m, key) no parameter */
+    P11G_SHAPE_FIND,         /* (s, max) -> rv, handles, count fn(s, hs, max, &n) */
+    P11G_SHAPE_COUNT
+};
+
+/* p11g_fast_proc.flags */
+#define P11G_FAST_LONG 1u /* may take long: check whether the client overlaps calls */
+
+struct p11g_fast_proc {
+    uint8_t shape;
+    uint8_t flags;
+    uint16_t fn; /* byte offset of the function pointer in CK_FUNCTION_LIST */
+};
+
+struct p11g_fast {
+    /* set by Python */
+    int32_t fd;
+    uint32_t program;
+    uint32_t version;      /* 3: Caml Crush's encoding, 4: p11guard's */
+    uint32_t tag_none;     /* version 4: the typed-parameter tag meaning "no parameter" */
+    uint64_t functions;    /* CK_FUNCTION_LIST * as an integer */
+    uint64_t max_opaque;   /* bound of any byte string in or out */
+    uint64_t max_list;     /* bound of FindObjects' max_count */
+    uint64_t output_slack; /* first output buffer: input length + this */
+    uint64_t long_call_ns; /* a P11G_FAST_LONG call this long triggers the overlap check */
+    struct p11g_fast_proc procs[P11G_FAST_MAX_PROC];
+    /* set by C */
+    uint64_t calls;        /* calls answered here (cumulative) */
+    int32_t error;         /* errno of the socket error behind P11G_FAST_SOCKET_ERROR */
+    int32_t reserved;
+    uint8_t *scratch;      /* reply buffer, owned by C (kept while small) */
+    uint64_t scratch_cap;
+};
+
+/* p11g_fast_serve() results (> 0: that many bytes in buf for Python) */
+#define P11G_FAST_EOF 0
+#define P11G_FAST_SOCKET_ERROR (-1)
+#define P11G_FAST_OVERLAP (-2)     /* the client overlapped a long call: let Python decide */
+#define P11G_FAST_INTERRUPTED (-3) /* a signal: Python runs its handlers, then calls again */
+#define P11G_FAST_NO_MEMORY (-4)
+
+long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap);
+size_t p11g_fast_struct_size(void);
+
+#endif
