@@ -31,6 +31,7 @@ $(TEST_STAMP): pyproject.toml $(STAMP)
 
 client-lib:
 	$(MAKE) -s -C native/client all
+	$(MAKE) -s -C native/server all
 
 run: build
 	$(VENV)/bin/p11guard demo
