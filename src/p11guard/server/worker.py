@@ -165,6 +165,9 @@ class Connection:
         finally:
             for t in list(self._threads):
                 t.join()
+            if self._fast is not None:
+                log.debug("%d calls answered, %d of them by the C fast path", self.calls,
+                          self._fast.served_calls)
 
     def shutdown(self) -> None:
         """Make the loop end soon (SIGTERM): the leader's recv returns EOF."""

@@ -1,0 +1,277 @@
+"""The worker's C fast path (server/fastpath.py, native/server/fastpath.c) answers
+exactly like the Python path: the same call script, valid and hostile, runs against
+two servers on one SoftHSM2 token, one with the fast path and one without
+(P11GUARD_FASTPATH=off), in both protocol versions, and the answers must be equal.
+
+A variant runs the fast-path server with the AddressSanitizer build of the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p11guard.client import WireClient
+from p11guard.pkcs11 import constants as c
+from p11guard.server import fastpath
+from p11guard.wire import rpc
+from p11guard.wire.mechanisms import NO_PARAM, param
+from p11guard.wire.procedures import NAMES_BY_VERSION, OUT_LEN_NULL, PROGRAM
+from p11guard.wire.templates import ValueKind
+from tests.support.servers import REPO, Server, start_server
+from tests.support.softhsm import Token
+
+CKM_AES_ECB, CKM_AES_CMAC, CKM_SHA256, CKM_AES_CBC = 0x1081, 0x108A, 0x250, 0x1082
+MAX_OPAQUE = 16 * 1024 * 1024  # the servers' default max_record_size
+U, B = ValueKind.ULONG, ValueKind.BYTES
+TRUE, FALSE = b"\x01", b"\x00"
+SERVER_LIB = REPO / "native" / "server" / "build" / "libp11guard-fast.so"
+ASAN_LIB = REPO / "native" / "server" / "build" / "asan" / "libp11guard-fast.so"
+
+Script = Callable[["Peer"], list[Any]]
+
+
+def start(token: Token, workdir: Path, **env: str) -> Server:
+    return start_server("p11guard", dataclasses.replace(token, extra_env=env), workdir,
+                        extra_args=("--verbose",))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library_built() -> None:
+    subprocess.run(["make", "-s", "-C", str(REPO / "native" / "server"), "all"], check=True)
+
+
+@pytest.fixture
+def servers(token: Token, tmp_path: Path) -> Iterator[tuple[Server, Server]]:
+    fast = start(token, tmp_path / "fast", P11GUARD_FASTPATH_LIB=str(SERVER_LIB))
+    slow = start(token, tmp_path / "slow", P11GUARD_FASTPATH="off")
+    yield fast, slow
+    fast.stop()
+    slow.stop()
+
+
+class Peer:
+    """One connection, set up the same way on both servers."""
+
+    def __init__(self, address: str, version: int) -> None:
+        self.c = WireClient.connect(address, version=version)
+        self.version = version
+        assert self.c.rv("SetupArch", 1) == 1
+        assert self.c.rv("LoadModule", b"softhsm") == c.CKR_OK
+        assert self.c.rv("Initialize", *((0,) if version == 4 else ())) == c.CKR_OK
+        _, slots, _ = self.c.call("GetSlotList", 1, 16)
+        self.slot = slots[0]
+        rv, self.session = self.c.call("OpenSession", self.slot,
+                                       c.CKF_SERIAL_SESSION | c.CKF_RW_SESSION)
+        assert rv == c.CKR_OK
+        assert self.c.rv("Login", self.session, c.CKU_USER, b"1234") == c.CKR_OK
+
+    def mech(self, mech_type: int, raw: bytes = b"") -> Any:
+        if self.version == 3:
+            return (mech_type, raw)
+        return (mech_type, param("BYTES", data=raw) if raw else NO_PARAM)
+
+    def out(self, *extra: int) -> tuple[int, ...]:
+        """The output-length argument(s) of an output call (version 4 only)."""
+        return extra if self.version == 4 else ()
+
+    def aes_key(self) -> int:
+        """A session AES key with a fixed value: outputs are comparable."""
+        value = bytes(range(16))
+        if self.version == 3:
+            template: list[Any] = [
+                (c.CKA_CLASS, c.CKO_SECRET_KEY.to_bytes(8, "little"), 8),
+                (c.CKA_KEY_TYPE, c.CKK_AES.to_bytes(8, "little"), 8),
+                (c.CKA_VALUE, value, 16),
+                (c.CKA_TOKEN, FALSE, 1), (c.CKA_ENCRYPT, TRUE, 1), (c.CKA_DECRYPT, TRUE, 1),
+                (c.CKA_SIGN, TRUE, 1), (c.CKA_VERIFY, TRUE, 1),
+            ]
+        else:
+            template = [(c.CKA_CLASS, U, c.CKO_SECRET_KEY), (c.CKA_KEY_TYPE, U, c.CKK_AES),
+                        (c.CKA_VALUE, B, value), (c.CKA_TOKEN, B, FALSE),
+                        (c.CKA_ENCRYPT, B, TRUE), (c.CKA_DECRYPT, B, TRUE),
+                        (c.CKA_SIGN, B, TRUE), (c.CKA_VERIFY, B, TRUE)]
+        rv, key = self.c.call("CreateObject", self.session, template)
+        assert rv == c.CKR_OK
+        return int(key)
+
+    def raw(self, name: str, body: bytes) -> bytes:
+        """A hand-made argument body: the whole reply (accept status and result)."""
+        number = NAMES_BY_VERSION[self.version][name].number
+        reply, result = self.c.call_raw(number, body)
+        return bytes([reply.accept_stat or 0]) + result
+
+
+def crypto_script(p: Peer) -> list[Any]:
+    s, out = p.session, p.out
+    key = p.aes_key()
+    data = bytes(range(32))
+    calls: list[tuple[str, tuple[Any, ...]]] = [
+        ("GetSessionInfo", (s,)), ("GetSessionInfo", (0xDEAD,)),
+        ("SeedRandom", (s, b"seed")),
+        ("Digest", (s, data, *out(64))),  # no operation active
+        ("DigestInit", (s, p.mech(CKM_SHA256))),
+        ("Digest", (s, data, *out(OUT_LEN_NULL))), ("Digest", (s, data, *out(8))),
+        ("Digest", (s, data, *out(32))),
+        ("DigestInit", (s, p.mech(CKM_SHA256))), ("DigestUpdate", (s, data)),
+        ("DigestUpdate", (s, b"")), ("DigestFinal", (s, *out(1000))),
+        ("DigestInit", (s, p.mech(0xFFFF_FFF0))),  # unknown mechanism
+        ("DigestInit", (s, p.mech(CKM_SHA256, b"x"))),  # a parameter: Python's path
+        ("DigestFinal", (s, *out(64))),
+        ("EncryptInit", (s, p.mech(CKM_AES_ECB), key)),
+        ("Encrypt", (s, data, *out(OUT_LEN_NULL))), ("Encrypt", (s, data, *out(16))),
+        ("Encrypt", (s, data, *out(32))),
+        ("EncryptInit", (s, p.mech(CKM_AES_ECB), key)), ("EncryptUpdate", (s, data, *out(64))),
+        ("EncryptUpdate", (s, data[:5], *out(64))), ("EncryptFinal", (s, *out(64))),
+        ("EncryptInit", (s, p.mech(CKM_AES_ECB), 0xBAD)),  # bad key handle
+        ("EncryptInit", (s, p.mech(CKM_AES_CBC, bytes(16)), key)),  # IV: Python's path
+        ("Encrypt", (s, data, *out(64))),
+        ("DecryptInit", (s, p.mech(CKM_AES_ECB), key)), ("Decrypt", (s, data, *out(64))),
+        ("SignInit", (s, p.mech(CKM_AES_CMAC), key)), ("Sign", (s, data, *out(64))),
+        ("SignInit", (s, p.mech(CKM_AES_CMAC), key)), ("SignUpdate", (s, data)),
+        ("SignFinal", (s, *out(OUT_LEN_NULL))), ("SignFinal", (s, *out(64))),
+        ("VerifyInit", (s, p.mech(CKM_AES_CMAC), key)),
+        ("Verify", (s, data, bytes(16))),  # wrong MAC
+        ("VerifyInit", (s, p.mech(CKM_AES_CMAC), key)), ("VerifyUpdate", (s, data)),
+        ("VerifyFinal", (s, bytes(16))),
+        ("GenerateRandom", (s, 0)), ("GenerateRandom", (s, MAX_OPAQUE + 1)),
+        ("GenerateRandom", (0xBAD, 16)),
+    ]
+    results: list[Any] = [(name, p.c.call(name, *args)) for name, args in calls]
+    rv, random = p.c.call("GenerateRandom", s, 48)
+    results.append(("GenerateRandom 48", rv, len(random)))  # the bytes differ, not the size
+    return results
+
+
+def session_script(p: Peer) -> list[Any]:
+    s = p.session
+    calls: list[tuple[str, tuple[Any, ...]]] = [
+        ("OpenSession", (p.slot, c.CKF_SERIAL_SESSION)),
+        ("OpenSession", (p.slot, 0)),  # CKF_SERIAL_SESSION missing
+        ("OpenSession", (0xFFFF, c.CKF_SERIAL_SESSION)),
+        ("CloseSession", (0xFFFF,)),
+        ("FindObjects", (s, 10)),  # not initialised
+        ("FindObjectsInit", (s, [])),
+        ("FindObjects", (s, 0)), ("FindObjects", (s, 1)), ("FindObjects", (s, 1 << 40)),
+        ("FindObjectsFinal", (s,)), ("FindObjectsFinal", (s,)),
+        ("Logout", (s,)), ("Logout", (s,)),
+        ("CloseAllSessions", (p.slot,)), ("GetSessionInfo", (s,)),
+    ]
+    return [(name, p.c.call(name, *args)) for name, args in calls]
+
+
+def hostile_script(p: Peer) -> list[Any]:
+    """Bodies no honest client sends, for procedures the fast path serves."""
+    s = p.session.to_bytes(8, "big")
+    big = (0xFFFF_FFFF).to_bytes(4, "big")
+    out = (64).to_bytes(8, "big") if p.version == 4 else b""
+    bodies = [
+        ("GetSessionInfo", b""), ("GetSessionInfo", s[:4]), ("GetSessionInfo", s + b"\0" * 4),
+        ("GenerateRandom", s), ("GenerateRandom", s + (16).to_bytes(8, "big") + b"\0"),
+        ("Digest", s + big), ("Digest", s + (5).to_bytes(4, "big") + b"abc"),
+        ("Digest", s + (3).to_bytes(4, "big") + b"abc\0" + out + b"\0\0\0\0"),
+        ("SignInit", s + (CKM_AES_CMAC).to_bytes(8, "big")),
+        ("FindObjects", s), ("CloseSession", b"\0" * 7),
+    ]
+    results = [(name, body.hex(), p.raw(name, body)) for name, body in bodies]
+    # Two whole calls in one send: the fast path hands both to Python, in order.
+    number = NAMES_BY_VERSION[p.version]["GetSessionInfo"].number
+    two = b"".join(rpc.frame(rpc.call(1000 + i, PROGRAM, p.version, number, s))
+                   for i in range(2))
+    p.c.send_raw(two)
+    results.append(("pipelined", p.c.recv_record(), p.c.recv_record()))
+    # A call of the other protocol version on this connection: PROG_MISMATCH.
+    other = 3 if p.version == 4 else 4
+    p.c.send_raw(rpc.frame(rpc.call(2000, PROGRAM, other, number, s)))
+    results.append(("other version", p.c.recv_record()))
+    # The connection still works.
+    results.append(("after", p.c.call("GetSessionInfo", p.session)))
+    return results
+
+
+SCRIPTS: dict[str, Script] = {"crypto": crypto_script, "sessions": session_script,
+                              "hostile": hostile_script}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("version", [3, 4])
+def test_fast_path_answers_like_python(servers: tuple[Server, Server], version: int,
+                                       script: str) -> None:
+    answers = []
+    for server in servers:
+        peer = Peer(server.address, version)
+        try:
+            answers.append(SCRIPTS[script](peer))
+        finally:
+            peer.c.close()
+    fast, slow = answers
+    assert len(fast) == len(slow)
+    for got, want in zip(fast, slow, strict=True):
+        assert got == want
+
+
+def test_fast_path_serves_the_calls(servers: tuple[Server, Server]) -> None:
+    """The fast server really answers in C (its worker logs how many), the other not."""
+    for server in servers:
+        peer = Peer(server.address, 4)
+        for _ in range(50):
+            assert peer.c.rv("GetSessionInfo", peer.session) == c.CKR_OK
+        peer.c.close()
+    fast, slow = servers
+    fast.stop()
+    slow.stop()
+    assert "C fast path off" in slow.log_text()
+    assert "C fast path unavailable" not in fast.log_text()
+    served = re.findall(r"(\d+) calls answered, (\d+) of them by the C fast path",
+                        fast.log_text())
+    assert served and int(served[-1][1]) >= 50, fast.log_text()[-2000:]
+
+
+def test_policy_units_keep_their_functions_in_python(token: Token, tmp_path: Path) -> None:
+    """A function a policy unit acts on is never served in C: forbidden_mechanisms
+    refuses CKM_SHA256 even though DigestInit has a fast-path shape."""
+    server = start_server("p11guard", token, tmp_path / "policy",
+                          filter_extra="forbidden_mechanisms = [(\"softhsm\", [CKM_SHA256])]\n")
+    try:
+        peer = Peer(server.address, 4)
+        assert peer.c.rv("DigestInit", peer.session, peer.mech(CKM_SHA256)) \
+            == c.CKR_MECHANISM_INVALID
+        peer.c.close()
+    finally:
+        server.stop()
+
+
+def test_plan_lists_only_unfiltered_functions() -> None:
+    library = fastpath.load()
+    assert library is not None, "native/server/build/libp11guard-fast.so missing"
+    plan = library.plan(4, 0x1000, frozenset({"C_Sign", "C_GetSessionInfo"}), frozenset({43}),
+                        output_slack=4096, max_list=1 << 20)
+    numbers = {NAMES_BY_VERSION[4]["Sign"].number, NAMES_BY_VERSION[4]["GetSessionInfo"].number}
+    assert set(plan.procs) == numbers
+    assert plan.procs[43][1] == fastpath.FLAG_LONG
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/gcc"), reason="needs gcc")
+def test_fast_path_under_asan(token: Token, tmp_path: Path) -> None:
+    """The hostile and crypto scripts against the AddressSanitizer build."""
+    subprocess.run(["make", "-s", "-C", str(REPO / "native" / "server"), "asan"], check=True)
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    server = start(token, tmp_path / "asan", P11GUARD_FASTPATH_LIB=str(ASAN_LIB),
+                   LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0")
+    try:
+        for version in (3, 4):
+            for script in (hostile_script, crypto_script):
+                peer = Peer(server.address, version)
+                script(peer)
+                peer.c.close()
+    finally:
+        server.stop()
+    assert "AddressSanitizer" not in server.log_text()
