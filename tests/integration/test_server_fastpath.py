@@ -180,7 +180,7 @@ def hostile_script(p: Peer) -> list[Any]:
         ("SignInit", s + (CKM_AES_CMAC).to_bytes(8, "big")),
         ("FindObjects", s), ("CloseSession", b"\0" * 7),
     ]
-    results = [(name, body.hex(), p.raw(name, body)) for name, body in bodies]
+    results: list[Any] = [(name, body.hex(), p.raw(name, body)) for name, body in bodies]
     # Two whole calls in one send: the fast path hands both to Python, in order.
     number = NAMES_BY_VERSION[p.version]["GetSessionInfo"].number
     two = b"".join(rpc.frame(rpc.call(1000 + i, PROGRAM, p.version, number, s))
