@@ -202,6 +202,10 @@ class FastPathLibrary:
             raise OSError(f"{path}: struct p11g_fast is {size} bytes in C, "
                           f"{self.ffi.sizeof('struct p11g_fast')} here (rebuild it)")
         self.path = path
+        # Parse the C types a connection uses now (pycparser costs milliseconds per
+        # type): loaded in the listener, workers inherit the parsed types.
+        for ctype in ("struct p11g_fast *", "uint8_t[]"):
+            self.ffi.typeof(ctype)
         from ..pkcs11.binding import ffi as pkcs11_ffi
         # Byte offsets of the functions in CK_FUNCTION_LIST (same in the 3.0 list).
         self.offsets = {
