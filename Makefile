@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.stamp-installed
 TEST_STAMP := $(VENV)/.stamp-test
 
-.PHONY: build run test lint typecheck unit integration bench bench-quick clean client-lib system system-test
+.PHONY: build run test lint typecheck unit integration bench bench-quick bench-deps clean client-lib system system-test
 
 build: system $(STAMP) client-lib
 
@@ -52,13 +52,19 @@ test: build system-test $(TEST_STAMP)
 unit: $(TEST_STAMP)
 	tools/run-pytest.sh tests/unit
 
-bench: build system-test $(TEST_STAMP)
+# The benchmark suite (docs/benchmarks.md): about 15 minutes; bench-quick 2-3 minutes.
+# matplotlib (the chart) is installed when missing; without it the report has no chart.
+bench: build system-test $(TEST_STAMP) bench-deps
 	$(MAKE) -s -C bench
 	$(PY) bench/run.py
 
-bench-quick: build system-test $(TEST_STAMP)
+bench-quick: build system-test $(TEST_STAMP) bench-deps
 	$(MAKE) -s -C bench
 	$(PY) bench/run.py --quick
 
+bench-deps: | $(VENV)/bin/python
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]' || \
+	    echo "bench: matplotlib not installed, the report will have no chart" >&2
+
 clean:
-	rm -rf $(VENV) native/client/build bench/build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) native/client/build native/server/build bench/build .mypy_cache .ruff_cache .pytest_cache

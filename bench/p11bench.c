@@ -7,23 +7,44 @@
  * the token is left as it was found; the single token object used by `find`
  * is destroyed at the end.
  *
+ * Two ops need no module in this process:
+ *  - newconn forks a child per iteration that does what a short-lived tool
+ *    does (dlopen, C_GetFunctionList, C_Initialize, C_GetSlotList,
+ *    C_Finalize, exit); the parent only forks and waits, so nothing (not even
+ *    the Caml Crush client's socket, opened at dlopen) is inherited.
+ *  - echo is the floor of a proxied call: request/reply round trips of the
+ *    sizes of one GetSessionInfo in protocol v4, over TCP loopback or a Unix
+ *    socket, against a bare C echo server that p11bench forks itself.
+ *
  * The result is ONE line of JSON on stdout (also on failure, with "error"),
  * so a driver can parse it without scraping.  Diagnostics go to stderr.
- * The PIN is never printed.
+ * The PIN is never printed.  With --sync, a {"ready":...} line comes first and
+ * the measurement starts when a line (or EOF) arrives on stdin, so a driver
+ * can start many processes at once or look at the server in between.
  *
  * Build: make -C bench   (gcc -O2 -std=c11 -Wall -Wextra -Werror -pthread -ldl)
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* flock, prctl, SOCK_CLOEXEC, mkdtemp */
 
+#include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -38,10 +59,29 @@
  * (Caml Crush returns -1 forever) must not spin for the whole duration. */
 #define MAX_CONSECUTIVE_ERRORS 100
 
+/* newconn: the child's exit status says which step failed; the parent
+ * reports it as this vendor rv | status (0x80 | signal for a killed child). */
+#define BENCH_RV_NEWCONN (CKR_VENDOR_DEFINED | 0xC000UL)
+enum newconn_step {
+    NEWCONN_OK = 0,
+    NEWCONN_DLOPEN = 1,
+    NEWCONN_NO_SYMBOL = 2,
+    NEWCONN_FUNCTION_LIST = 3,
+    NEWCONN_INITIALIZE = 4,
+    NEWCONN_SLOT_LIST = 5,
+    NEWCONN_FINALIZE = 6,
+};
+
 #define AES_DATA_LEN 4096
 #define DIGEST_DATA_LEN 1024
 #define MAX_SLOTS 256
 #define LABEL_MAX 64
+
+/* echo: one GetSessionInfo in protocol v4 is a 52-byte call record and a
+ * 68-byte reply record (record marks included), measured with strace. */
+#define ECHO_REQUEST_DEFAULT 52
+#define ECHO_REPLY_DEFAULT 68
+#define ECHO_MAX_BYTES 65536
 
 /* ------------------------------------------------------------------ */
 /* Operations                                                          */
@@ -56,13 +96,27 @@ enum op {
     OP_AESCBC,
     OP_OPENSESSION,
     OP_CONNECT,
+    OP_NEWCONN,
+    OP_ECHO,
     OP_COUNT
 };
 
 static const char *const op_names[OP_COUNT] = {
     "random", "sessioninfo", "find", "digest", "ecdsa",
-    "rsa", "aescbc", "opensession", "connect",
+    "rsa", "aescbc", "opensession", "connect", "newconn", "echo",
 };
+
+/* Does this process itself load the module (and log in, make keys)? */
+static int loads_module(enum op op)
+{
+    return op != OP_NEWCONN && op != OP_ECHO;
+}
+
+/* Does each thread work on its own session of the shared module? */
+static int uses_sessions(enum op op)
+{
+    return loads_module(op) && op != OP_CONNECT;
+}
 
 /* ------------------------------------------------------------------ */
 /* Options and shared state                                            */
@@ -76,6 +130,10 @@ struct options {
     unsigned long iterations;
     unsigned threads;
     double warmup;           /* seconds, per thread, not counted */
+    int sync;                /* --sync: print ready, wait for stdin before t0 */
+    const char *setup_lock;  /* --setup-lock: flock() held around token writes */
+    int echo_unix;           /* --echo unix (else tcp) */
+    unsigned long request_bytes, reply_bytes;
 };
 
 struct bench {
@@ -87,6 +145,11 @@ struct bench {
     int logged_in;
     CK_OBJECT_HANDLE rsa_priv, ec_priv, aes_key, find_obj;
     char find_label[LABEL_MAX];
+    int lock_fd;             /* -1 unless the setup lock is held */
+    pid_t echo_pid;          /* the echo server, 0 when none */
+    struct sockaddr_storage echo_addr;
+    socklen_t echo_addrlen;
+    char echo_dir[64];       /* the Unix echo socket's private directory */
     pthread_barrier_t ready; /* threads + main: everyone set up and warmed */
     pthread_barrier_t go;    /* threads + main: main has taken t0 */
 };
@@ -101,6 +164,7 @@ struct worker {
     unsigned index;
     unsigned long quota; /* iterations for this thread (with --iterations) */
     CK_SESSION_HANDLE session;
+    int fd;                  /* echo: this thread's connection */
     unsigned long count;
     unsigned long errors;
     CK_RV first_error;
@@ -179,6 +243,41 @@ static void print_failure(const struct options *o, const char *fmt, ...)
     json_str(stdout, msg);
     printf("}\n");
     fflush(stdout);
+}
+
+/* ------------------------------------------------------------------ */
+/* Setup lock                                                          */
+
+/* SoftHSM2 rewrites its token file on every C_Login, and a process that
+ * reads the token meanwhile (C_Initialize, C_GetTokenInfo) can find it
+ * missing.  Processes started together (the concurrency scenarios) therefore
+ * take an exclusive flock() around what reads or writes token files: from
+ * dlopen to the end of C_Login, and around teardown.  Key generation (session
+ * objects) and the measured loop run unlocked. */
+static int setup_lock_take(struct bench *b)
+{
+    if (b->opt.setup_lock == NULL || b->lock_fd >= 0)
+        return 0;
+    int fd = open(b->opt.setup_lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    while (flock(fd, LOCK_EX) != 0) {
+        if (errno != EINTR) {
+            close(fd);
+            return -1;
+        }
+    }
+    b->lock_fd = fd;
+    return 0;
+}
+
+static void setup_lock_release(struct bench *b)
+{
+    if (b->lock_fd < 0)
+        return;
+    flock(b->lock_fd, LOCK_UN);
+    close(b->lock_fd);
+    b->lock_fd = -1;
 }
 
 /* ------------------------------------------------------------------ */
@@ -334,6 +433,7 @@ static int setup(struct bench *b, char *err, size_t errlen)
         return -1;
     if (b->opt.op == OP_CONNECT) {
         /* The loop owns Initialize/Finalize from here on. */
+        setup_lock_release(b);
         rv = b->f->C_Finalize(NULL);
         if (rv != CKR_OK) {
             snprintf(err, errlen, "C_Finalize: 0x%lx", (unsigned long)rv);
@@ -359,6 +459,10 @@ static int setup(struct bench *b, char *err, size_t errlen)
         snprintf(err, errlen, "--op %s needs --pin", op_names[b->opt.op]);
         return -1;
     }
+    /* The token file is not written again until teardown (except by find's
+     * object, created below: keep the lock for that one). */
+    if (b->opt.op != OP_FIND)
+        setup_lock_release(b);
     const char *what = NULL;
     switch (b->opt.op) {
     case OP_RSA: what = "RSA-2048 key pair"; rv = make_rsa(b); break;
@@ -367,6 +471,7 @@ static int setup(struct bench *b, char *err, size_t errlen)
     case OP_FIND: what = "token data object"; rv = make_find_object(b); break;
     default: rv = CKR_OK; break;
     }
+    setup_lock_release(b);
     if (rv != CKR_OK) {
         snprintf(err, errlen, "creating the %s: 0x%lx", what, (unsigned long)rv);
         return -1;
@@ -376,22 +481,230 @@ static int setup(struct bench *b, char *err, size_t errlen)
 
 static void teardown(struct bench *b)
 {
-    if (b->opt.op == OP_CONNECT)
-        return; /* every iteration ended with C_Finalize */
+    if (!loads_module(b->opt.op) || b->opt.op == OP_CONNECT)
+        return; /* nothing loaded here, or every iteration ended with C_Finalize */
+    if (setup_lock_take(b) != 0)
+        fprintf(stderr, "p11bench: --setup-lock: %s\n", strerror(errno));
     if (b->find_obj != CK_INVALID_HANDLE)
         b->f->C_DestroyObject(b->main_session, b->find_obj);
     if (b->logged_in)
         b->f->C_Logout(b->main_session);
     b->f->C_CloseSession(b->main_session);
     b->f->C_Finalize(NULL);
+    setup_lock_release(b);
+}
+
+/* ------------------------------------------------------------------ */
+/* newconn: one short-lived tool per iteration                         */
+
+/* Runs in the forked child; returns its exit status (enum newconn_step). */
+static int newconn_child(const char *module)
+{
+    void *dl = dlopen(module, RTLD_NOW | RTLD_LOCAL);
+    if (dl == NULL)
+        return NEWCONN_DLOPEN;
+    CK_C_GetFunctionList gfl;
+    *(void **)&gfl = dlsym(dl, "C_GetFunctionList");
+    if (gfl == NULL)
+        return NEWCONN_NO_SYMBOL;
+    CK_FUNCTION_LIST_PTR f = NULL;
+    if (gfl(&f) != CKR_OK || f == NULL)
+        return NEWCONN_FUNCTION_LIST;
+    CK_C_INITIALIZE_ARGS init;
+    memset(&init, 0, sizeof init);
+    init.flags = CKF_OS_LOCKING_OK;
+    if (f->C_Initialize(&init) != CKR_OK)
+        return NEWCONN_INITIALIZE;
+    CK_SLOT_ID slots[MAX_SLOTS];
+    CK_ULONG n = 0;
+    CK_RV rv = f->C_GetSlotList(CK_TRUE, NULL, &n);
+    if (rv == CKR_OK && n > 0) {
+        if (n > MAX_SLOTS)
+            n = MAX_SLOTS;
+        rv = f->C_GetSlotList(CK_TRUE, slots, &n);
+    }
+    CK_RV rv2 = f->C_Finalize(NULL);
+    if (rv != CKR_OK || n == 0)
+        return NEWCONN_SLOT_LIST;
+    return rv2 == CKR_OK ? NEWCONN_OK : NEWCONN_FINALIZE;
+}
+
+static CK_RV newconn_once(const char *module)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return CKR_HOST_MEMORY;
+    if (pid == 0)
+        exit(newconn_child(module)); /* exit(), as a tool would: destructors run */
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return CKR_FUNCTION_FAILED;
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status) == 0 ? CKR_OK
+                                         : BENCH_RV_NEWCONN | (CK_RV)WEXITSTATUS(status);
+    return BENCH_RV_NEWCONN | 0x80UL | (CK_RV)(WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+/* ------------------------------------------------------------------ */
+/* echo: the floor of one round trip                                   */
+
+static int write_full(int fd, const unsigned char *p, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int read_full(int fd, unsigned char *p, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = recv(fd, p, len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void set_nodelay(int fd, int is_unix)
+{
+    int one = 1;
+    if (!is_unix)
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+/* One connection of the echo server: read a whole request, write a whole
+ * reply, until the client closes. */
+static void echo_serve(int fd, const struct options *o)
+{
+    static unsigned char in[ECHO_MAX_BYTES], out[ECHO_MAX_BYTES];
+    set_nodelay(fd, o->echo_unix);
+    memset(out, 0x5a, o->reply_bytes);
+    while (read_full(fd, in, o->request_bytes) == 0 &&
+           write_full(fd, out, o->reply_bytes) == 0)
+        ;
+}
+
+/* The echo server process: a process per connection, as a proxy worker. */
+static void echo_server(int lfd, pid_t parent, const struct options *o)
+{
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent)
+        _exit(0); /* the parent died before prctl */
+    signal(SIGCHLD, SIG_IGN); /* connections' processes reap themselves */
+    for (;;) {
+        int c = accept(lfd, NULL, NULL);
+        if (c < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            _exit(1);
+        }
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(lfd);
+            echo_serve(c, o);
+            _exit(0);
+        }
+        close(c);
+    }
+}
+
+/* Listen on 127.0.0.1:0 or on a socket in a fresh /tmp directory, and fork
+ * the server.  Called before any thread exists. */
+static int echo_start(struct bench *b, char *err, size_t errlen)
+{
+    int lfd = socket(b->opt.echo_unix ? AF_UNIX : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lfd < 0) {
+        snprintf(err, errlen, "echo socket: %s", strerror(errno));
+        return -1;
+    }
+    memset(&b->echo_addr, 0, sizeof b->echo_addr);
+    if (b->opt.echo_unix) {
+        struct sockaddr_un *un = (struct sockaddr_un *)&b->echo_addr;
+        snprintf(b->echo_dir, sizeof b->echo_dir, "/tmp/p11bench-echo-XXXXXX");
+        if (mkdtemp(b->echo_dir) == NULL) {
+            snprintf(err, errlen, "echo mkdtemp: %s", strerror(errno));
+            b->echo_dir[0] = '\0';
+            close(lfd);
+            return -1;
+        }
+        un->sun_family = AF_UNIX;
+        snprintf(un->sun_path, sizeof un->sun_path, "%s/s", b->echo_dir);
+        b->echo_addrlen = sizeof *un;
+    } else {
+        struct sockaddr_in *in = (struct sockaddr_in *)&b->echo_addr;
+        in->sin_family = AF_INET;
+        in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        in->sin_port = 0;
+        b->echo_addrlen = sizeof *in;
+    }
+    if (bind(lfd, (struct sockaddr *)&b->echo_addr, b->echo_addrlen) != 0 ||
+        getsockname(lfd, (struct sockaddr *)&b->echo_addr, &b->echo_addrlen) != 0 ||
+        listen(lfd, 128) != 0) {
+        snprintf(err, errlen, "echo bind/listen: %s", strerror(errno));
+        close(lfd);
+        return -1;
+    }
+    fflush(NULL);
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(err, errlen, "echo fork: %s", strerror(errno));
+        close(lfd);
+        return -1;
+    }
+    if (pid == 0)
+        echo_server(lfd, parent, &b->opt);
+    close(lfd);
+    b->echo_pid = pid;
+    return 0;
+}
+
+static void echo_stop(struct bench *b)
+{
+    if (b->echo_pid > 0) {
+        kill(b->echo_pid, SIGTERM);
+        while (waitpid(b->echo_pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        b->echo_pid = 0;
+    }
+    if (b->echo_dir[0]) {
+        unlink(((struct sockaddr_un *)&b->echo_addr)->sun_path);
+        rmdir(b->echo_dir);
+        b->echo_dir[0] = '\0';
+    }
+}
+
+static int echo_connect(const struct bench *b)
+{
+    int fd = socket(b->echo_addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (const struct sockaddr *)&b->echo_addr, b->echo_addrlen) != 0) {
+        close(fd);
+        return -1;
+    }
+    set_nodelay(fd, b->opt.echo_unix);
+    return fd;
 }
 
 /* ------------------------------------------------------------------ */
 /* One operation                                                       */
 
 struct op_buffers {
-    CK_BYTE in[AES_DATA_LEN];
-    CK_BYTE out[AES_DATA_LEN + 64];
+    CK_BYTE in[ECHO_MAX_BYTES];
+    CK_BYTE out[ECHO_MAX_BYTES];
 };
 
 /* Performs one operation; CKR_OK or the first failing rv. */
@@ -500,6 +813,15 @@ static CK_RV run_op(struct worker *w, struct op_buffers *buf)
         return rv != CKR_OK ? rv : rv2;
     }
 
+    case OP_NEWCONN:
+        return newconn_once(b->opt.module);
+
+    case OP_ECHO:
+        if (write_full(w->fd, buf->in, b->opt.request_bytes) != 0 ||
+            read_full(w->fd, buf->out, b->opt.reply_bytes) != 0)
+            return CKR_DEVICE_ERROR;
+        return CKR_OK;
+
     case OP_COUNT:
         break;
     }
@@ -518,10 +840,18 @@ static void *worker_main(void *arg)
     for (size_t i = 0; buf && i < sizeof buf->in; i++)
         buf->in[i] = (CK_BYTE)(i * 31U + w->index);
 
+    w->fd = -1;
     if (buf == NULL) {
         w->setup_failed = 1;
         snprintf(w->setup_error, sizeof w->setup_error, "out of memory");
-    } else if (b->opt.op != OP_CONNECT) {
+    } else if (b->opt.op == OP_ECHO) {
+        w->fd = echo_connect(b);
+        if (w->fd < 0) {
+            w->setup_failed = 1;
+            snprintf(w->setup_error, sizeof w->setup_error, "echo connect: %s",
+                     strerror(errno));
+        }
+    } else if (uses_sessions(b->opt.op)) {
         CK_RV rv = b->f->C_OpenSession(b->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL,
                                        &w->session);
         if (rv != CKR_OK) {
@@ -570,8 +900,10 @@ static void *worker_main(void *arg)
     }
     w->end_time = now_s();
 
-    if (!w->setup_failed && b->opt.op != OP_CONNECT)
+    if (!w->setup_failed && uses_sessions(b->opt.op))
         b->f->C_CloseSession(w->session);
+    if (w->fd >= 0)
+        close(w->fd);
     free(buf);
     return NULL;
 }
@@ -599,15 +931,21 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: p11bench --module PATH --op OP [options]\n"
+            "       p11bench --op echo [--echo tcp|unix] [options]\n"
             "  --module PATH        PKCS#11 module to dlopen\n"
             "  --token-label LABEL  token to use (default: first slot with a token)\n"
             "  --pin PIN            user PIN (needed by find, ecdsa, rsa, aescbc)\n"
             "  --op OP              random|sessioninfo|find|digest|ecdsa|rsa|aescbc|\n"
-            "                       opensession|connect\n"
+            "                       opensession|connect|newconn|echo\n"
             "  --seconds S          measure for S seconds (default 5)\n"
             "  --iterations N       measure N operations in total instead\n"
             "  --threads N          threads, each with its own session (default 1)\n"
             "  --warmup S           seconds of unmeasured warm-up per thread (default 0.5)\n"
+            "  --sync               print {\"ready\":...} when set up, start on a stdin line\n"
+            "  --setup-lock PATH    flock PATH around token-file access (many processes)\n"
+            "  --echo tcp|unix      echo transport (default tcp)\n"
+            "  --request-bytes N    echo request size (default 52)\n"
+            "  --reply-bytes N      echo reply size (default 68)\n"
             "Prints one JSON line: ops_per_s, count, errors, elapsed_s, latency percentiles.\n");
 }
 
@@ -642,11 +980,17 @@ static int parse_args(int argc, char **argv, struct options *o)
     o->seconds = 5.0;
     o->threads = 1;
     o->warmup = 0.5;
+    o->request_bytes = ECHO_REQUEST_DEFAULT;
+    o->reply_bytes = ECHO_REPLY_DEFAULT;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 1;
+        }
+        if (!strcmp(a, "--sync")) {
+            o->sync = 1;
+            continue;
         }
         if (i + 1 >= argc) {
             fprintf(stderr, "p11bench: %s: missing value or unknown option\n", a);
@@ -689,17 +1033,39 @@ static int parse_args(int argc, char **argv, struct options *o)
                 fprintf(stderr, "p11bench: bad --warmup\n");
                 return -1;
             }
+        } else if (!strcmp(a, "--setup-lock")) {
+            o->setup_lock = v;
+        } else if (!strcmp(a, "--echo")) {
+            if (strcmp(v, "tcp") != 0 && strcmp(v, "unix") != 0) {
+                fprintf(stderr, "p11bench: bad --echo (tcp or unix)\n");
+                return -1;
+            }
+            o->echo_unix = !strcmp(v, "unix");
+        } else if (!strcmp(a, "--request-bytes") || !strcmp(a, "--reply-bytes")) {
+            if (parse_ulong(v, &ul) || ul == 0 || ul > ECHO_MAX_BYTES) {
+                fprintf(stderr, "p11bench: bad %s (1..%d)\n", a, ECHO_MAX_BYTES);
+                return -1;
+            }
+            *(!strcmp(a, "--request-bytes") ? &o->request_bytes : &o->reply_bytes) = ul;
         } else {
             fprintf(stderr, "p11bench: unknown option %s\n", a);
             return -1;
         }
     }
+    if (o->op == OP_ECHO && o->module == NULL)
+        o->module = o->echo_unix ? "echo:unix" : "echo:tcp";
     if (o->module == NULL || o->op == OP_COUNT) {
         usage(stderr);
         return -1;
     }
     if (o->op == OP_CONNECT && o->threads != 1) {
         fprintf(stderr, "p11bench: --op connect finalizes the library; use --threads 1\n");
+        return -1;
+    }
+    if (o->op == OP_NEWCONN && o->threads != 1) {
+        /* fork() from one thread only: a child of a multi-threaded process
+         * that dlopen()s is outside what POSIX promises. */
+        fprintf(stderr, "p11bench: --op newconn forks per iteration; use --threads 1\n");
         return -1;
     }
     return 0;
@@ -734,43 +1100,91 @@ static void print_result(const struct bench *b, const struct worker *ws, double 
            percentile_us(hist, count, 0.99), (double)max_ns / 1000.0);
     if (errors)
         printf(",\"first_error\":\"0x%lx\"", (unsigned long)first_error);
+    if (b->opt.op == OP_ECHO)
+        printf(",\"request_bytes\":%lu,\"reply_bytes\":%lu", b->opt.request_bytes,
+               b->opt.reply_bytes);
     printf("}\n");
     fflush(stdout);
+}
+
+/* dlopen the module, get its function list and run setup(); on failure the
+ * error JSON has been printed and everything is undone. */
+static int load_module(struct bench *b)
+{
+    char err[256] = "";
+    if (setup_lock_take(b) != 0) {
+        print_failure(&b->opt, "--setup-lock %s: %s", b->opt.setup_lock, strerror(errno));
+        return -1;
+    }
+    /* Loading a Caml Crush client connects to the server (constructor). */
+    b->dl = dlopen(b->opt.module, RTLD_NOW | RTLD_LOCAL);
+    if (b->dl == NULL) {
+        print_failure(&b->opt, "dlopen: %s", dlerror());
+        setup_lock_release(b);
+        return -1;
+    }
+    CK_C_GetFunctionList gfl;
+    /* POSIX guarantees this conversion works for dlsym results. */
+    *(void **)&gfl = dlsym(b->dl, "C_GetFunctionList");
+    CK_RV rv = gfl == NULL ? CKR_FUNCTION_FAILED : gfl(&b->f);
+    if (gfl == NULL || rv != CKR_OK || b->f == NULL) {
+        if (gfl == NULL)
+            print_failure(&b->opt, "no C_GetFunctionList in module");
+        else
+            print_failure(&b->opt, "C_GetFunctionList: 0x%lx", (unsigned long)rv);
+        setup_lock_release(b);
+        dlclose(b->dl);
+        return -1;
+    }
+    if (setup(b, err, sizeof err) != 0) {
+        print_failure(&b->opt, "%s", err);
+        b->f->C_Finalize(NULL);
+        setup_lock_release(b);
+        dlclose(b->dl);
+        return -1;
+    }
+    return 0;
+}
+
+/* --sync: tell the driver we are ready, then wait for its go (a line or EOF). */
+static void sync_with_driver(void)
+{
+    printf("{\"ready\":true,\"pid\":%ld}\n", (long)getpid());
+    fflush(stdout);
+    char c;
+    for (;;) {
+        ssize_t n = read(STDIN_FILENO, &c, 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0 || c == '\n')
+            break;
+    }
+}
+
+/* Undo what main set up, whatever the op. */
+static void finish(struct bench *b)
+{
+    teardown(b);
+    echo_stop(b);
+    if (b->dl != NULL)
+        dlclose(b->dl);
 }
 
 int main(int argc, char **argv)
 {
     static struct bench b;
+    b.lock_fd = -1;
     int pa = parse_args(argc, argv, &b.opt);
     if (pa != 0)
         return pa > 0 ? 0 : 2;
 
     double t_setup = now_s();
     char err[256] = "";
-    /* Loading a Caml Crush client connects to the server (constructor). */
-    b.dl = dlopen(b.opt.module, RTLD_NOW | RTLD_LOCAL);
-    if (b.dl == NULL) {
-        print_failure(&b.opt, "dlopen: %s", dlerror());
+    if (loads_module(b.opt.op) && load_module(&b) != 0)
         return 1;
-    }
-    CK_C_GetFunctionList gfl;
-    /* POSIX guarantees this conversion works for dlsym results. */
-    *(void **)&gfl = dlsym(b.dl, "C_GetFunctionList");
-    if (gfl == NULL) {
-        print_failure(&b.opt, "no C_GetFunctionList in module");
-        dlclose(b.dl);
-        return 1;
-    }
-    CK_RV rv = gfl(&b.f);
-    if (rv != CKR_OK || b.f == NULL) {
-        print_failure(&b.opt, "C_GetFunctionList: 0x%lx", (unsigned long)rv);
-        dlclose(b.dl);
-        return 1;
-    }
-    if (setup(&b, err, sizeof err) != 0) {
+    if (b.opt.op == OP_ECHO && echo_start(&b, err, sizeof err) != 0) {
         print_failure(&b.opt, "%s", err);
-        b.f->C_Finalize(NULL);
-        dlclose(b.dl);
+        finish(&b);
         return 1;
     }
 
@@ -781,7 +1195,7 @@ int main(int argc, char **argv)
         print_failure(&b.opt, "out of memory");
         free(ws);
         free(tids);
-        teardown(&b);
+        finish(&b);
         return 1;
     }
     pthread_barrier_init(&b.ready, NULL, nt + 1);
@@ -800,10 +1214,13 @@ int main(int argc, char **argv)
         /* The started threads wait on a barrier that can no longer fill;
          * returning from main ends them with the process. */
         print_failure(&b.opt, "pthread_create failed after %u threads", started);
+        echo_stop(&b);
         return 1;
     }
     pthread_barrier_wait(&b.ready);
     double prepare_s = now_s() - t_setup;
+    if (b.opt.sync)
+        sync_with_driver();
     double t0 = now_s();
     pthread_barrier_wait(&b.go);
     double t_end = t0;
@@ -829,7 +1246,6 @@ int main(int argc, char **argv)
     pthread_barrier_destroy(&b.go);
     free(ws);
     free(tids);
-    teardown(&b);
-    dlclose(b.dl);
+    finish(&b);
     return status;
 }

@@ -1,9 +1,12 @@
-"""Start and stop the proxy servers under test: p11guard and Debian's pkcs11proxyd.
+"""Start and stop the servers under test: p11guard, Debian's pkcs11proxyd, p11-kit.
 
-Both read the same Caml Crush style pkcs11proxyd.conf + filter.conf, so one
-writer serves both.  Servers listen on 127.0.0.1 or on a Unix socket inside
-the run's temporary directory, run in their own session, and are stopped by
-the PID we started (then their own process group, if they ignore SIGTERM).
+p11guard and pkcs11proxyd read the same Caml Crush style pkcs11proxyd.conf +
+filter.conf, so one writer serves both; p11guard listens on TCP and on a Unix
+socket at once (one server for the native client's two columns).  p11-kit's
+server takes the module on its command line and listens on a Unix socket.
+Servers listen on 127.0.0.1 or on Unix sockets inside the run's temporary
+directory, run in their own session, and are stopped by the PID we started
+(then their own process group, if they ignore SIGTERM).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from .softhsm import Token
 
 ALIAS = "softhsm"
 PKCS11PROXYD = Path("/usr/bin/pkcs11proxyd")
+P11KIT_SERVER = Path("/usr/libexec/p11-kit/p11-kit-server")
 START_TIMEOUT = 20.0
+TRANSPORTS = ("tcp", "unix")
 
 
 class ServerError(RuntimeError):
@@ -30,12 +35,18 @@ class ServerError(RuntimeError):
 
 @dataclass
 class Server:
-    """A running server and the address a client library needs."""
+    """A running server and the addresses a client library needs."""
 
     name: str
     proc: subprocess.Popen[bytes]
-    address: str  # "127.0.0.1:PORT" or a socket path (PKCS11PROXY_SOCKET_PATH)
+    # transport -> "127.0.0.1:PORT" or a socket path (PKCS11PROXY_SOCKET_PATH)
+    addresses: dict[str, str]
     log: Path
+
+    @property
+    def address(self) -> str:
+        """The first address (the only one for pkcs11proxyd and p11-kit)."""
+        return next(iter(self.addresses.values()))
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -85,12 +96,14 @@ def _reachable(address: str) -> bool:
 
 
 def write_configs(workdir: Path, sockdir: Path, token: Token, *,
-                  unix: bool, filter_extra: str = "") -> tuple[Path, str]:
-    """Write filter.conf and pkcs11proxyd.conf; return the latter and the address.
+                  transports: tuple[str, ...], filter_extra: str = ""
+                  ) -> tuple[Path, dict[str, str]]:
+    """Write filter.conf and pkcs11proxyd.conf; return the latter and the addresses.
 
-    ``sockdir`` must be a short path: Netplex puts its control sockets there,
-    and a Unix socket path is limited to 107 bytes.  ``filter_extra``: more
-    filter.conf lines (a policy such as patchset 1).
+    One listener per transport ("tcp": 127.0.0.1 on a free port, "unix": a
+    socket in ``sockdir``).  ``sockdir`` must be a short path: Netplex puts
+    its control sockets there, and a Unix socket path is limited to 107 bytes.
+    ``filter_extra``: more filter.conf lines (a policy such as patchset 1).
     """
     netplex_dir = sockdir / "netplex"  # Caml Crush needs it writable
     netplex_dir.mkdir(parents=True, exist_ok=True)
@@ -100,12 +113,18 @@ def write_configs(workdir: Path, sockdir: Path, token: Token, *,
         f'modules = [("{ALIAS}", "{token.module}")]\n'
         "log_subchannel = filter\n" + filter_extra
     )
-    if unix:
-        address = str(sockdir / "p11.sock")
-        addr_conf = f'address {{ type = "local"; path = "{address}"; }};'
-    else:
-        address = f"127.0.0.1:{free_tcp_port()}"
-        addr_conf = f'address {{ type = "internet"; bind = "{address}"; }};'
+    addresses: dict[str, str] = {}
+    addr_conf = ""
+    for transport in transports:
+        if transport == "unix":
+            addresses[transport] = str(sockdir / "p11.sock")
+            addr_conf += f'address {{ type = "local"; path = "{addresses[transport]}"; }};\n'
+        elif transport == "tcp":
+            addresses[transport] = f"127.0.0.1:{free_tcp_port()}"
+            addr_conf += (f'address {{ type = "internet"; '
+                          f'bind = "{addresses[transport]}"; }};\n')
+        else:
+            raise ValueError(f"unknown transport {transport!r}")
     conf = workdir / "pkcs11proxyd.conf"
     # The same shape as Debian's shipped file: one connection per worker,
     # one idle worker pre-forked.
@@ -123,12 +142,13 @@ def write_configs(workdir: Path, sockdir: Path, token: Token, *,
   }}
 }}
 """)
-    return conf, address
+    return conf, addresses
 
 
-def start_server(name: str, cmd: list[str], workdir: Path, token: Token, address: str,
+def start_server(name: str, cmd: list[str], workdir: Path, token: Token,
+                 addresses: dict[str, str],
                  extra_env: dict[str, str] | None = None) -> Server:
-    """Start ``cmd`` in ``workdir`` and wait until ``address`` accepts connections."""
+    """Start ``cmd`` in ``workdir`` and wait until every address accepts connections."""
     env = token.env()
     env.update(extra_env or {})
     log = workdir / f"{name}.log"
@@ -137,18 +157,18 @@ def start_server(name: str, cmd: list[str], workdir: Path, token: Token, address
             cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
-    server = Server(name, proc, address, log)
+    server = Server(name, proc, addresses, log)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if not server.alive():
             raise ServerError(
                 f"{name} exited with status {proc.returncode}: {server.log_tail(1)}")
-        if _reachable(address):
+        if all(_reachable(a) for a in addresses.values()):
             return server
         time.sleep(0.05)
     server.stop()
-    raise ServerError(f"{name} not listening on {address} after {START_TIMEOUT:.0f}s: "
-                      f"{server.log_tail(1)}")
+    raise ServerError(f"{name} not listening on {', '.join(addresses.values())} after "
+                      f"{START_TIMEOUT:.0f}s: {server.log_tail(1)}")
 
 
 def camlcrush_command(conf: Path) -> list[str]:
@@ -158,3 +178,11 @@ def camlcrush_command(conf: Path) -> list[str]:
 def p11guard_command(repo: Path, conf: Path) -> list[str]:
     python = repo / ".venv" / "bin" / "python"
     return [str(python), "-m", "p11guard", "serve", "--config", str(conf), "--foreground"]
+
+
+def p11kit_command(module: str, socket_path: str) -> list[str]:
+    """p11-kit's server in the foreground, exporting every token of ``module``.
+
+    It forks (and execs p11-kit-remote) per connection, as p11guard does.
+    """
+    return [str(P11KIT_SERVER), "--provider", module, "-n", socket_path, "-f", "pkcs11:"]
