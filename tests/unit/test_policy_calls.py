@@ -21,7 +21,8 @@ from p11guard.policy.rules.calls import (
 )
 from p11guard.wire.procedures import CONTROL_PROCEDURES, PROCEDURES
 
-HOUSEKEEPING = {"has", "raw_function", "close", "path", "version", "interface_30"}
+HOUSEKEEPING = {"has", "raw_function", "close", "path", "version", "interface_30",
+                "fast_path_functions"}
 
 
 def test_every_binding_method_is_in_the_table() -> None:

@@ -284,7 +284,11 @@ def build_units(state: EngineState) -> list[Unit]:
             units.append(ActionUnit(state, action, function, resolve_action(action), post=True))
     hiders = [u for u in units if u.hides_objects]
     units.append(ObjectVisibility(state, hiders))
-    units.append(Bookkeeping(state))
+    # Session and object-cache bookkeeping serves the other units; with none (a
+    # pass-through policy) every function stays the backend's own method, which
+    # also lets the worker's C fast path serve OpenSession/CloseSession/Logout.
+    if any(u.needs_bookkeeping and u.applies(spec) for u in units for spec in FUNCTIONS):
+        units.append(Bookkeeping(state))
     return units
 
 

@@ -93,6 +93,10 @@ class Unit:
     stage: int = STAGE_POST_HOOKS
     has_after: bool = False
     hides_objects: bool = False
+    # Whether the unit reads the engine's session/object bookkeeping (state.sessions,
+    # state.cache): the Bookkeeping unit is added only when some unit may.
+    # Conservative default; a unit that only looks at its call's arguments says no.
+    needs_bookkeeping: bool = True
 
     def __init__(self, state: EngineState) -> None:
         self.state = state

@@ -36,6 +36,7 @@ def canonical_template(template: Template) -> Template | None:
 class CanonicalBooleans(Unit):
     name = "canonical_booleans"
     stage = STAGE_CANONICAL
+    needs_bookkeeping = False  # rewrites its call's templates, nothing else
 
     def applies(self, spec: FunctionSpec) -> bool:
         return any(spec.has(role) for role in _TEMPLATE_ROLES)
