@@ -128,6 +128,7 @@ class Connection:
         # sent), and those of them whose reply is not computed yet.
         self._busy = 0
         self._unanswered = 0
+        self._handed_off = 0  # calls run on a thread of their own (statistics)
         self.reader = RecordReader(settings.limits.max_record_size)
         self._leader = threading.Lock()
         self._send = threading.Lock()
@@ -165,9 +166,9 @@ class Connection:
         finally:
             for t in list(self._threads):
                 t.join()
-            if self._fast is not None:
-                log.debug("%d calls answered, %d of them by the C fast path", self.calls,
-                          self._fast.served_calls)
+            log.debug("%d calls answered, %d of them by the C fast path, %d on their own "
+                      "thread", self.calls, self._fast.served_calls if self._fast else 0,
+                      self._handed_off)
 
     def shutdown(self) -> None:
         """Make the loop end soon (SIGTERM): the leader's recv returns EOF."""
@@ -193,6 +194,7 @@ class Connection:
                 with self._state:
                     self._busy += 1
                     self._unanswered += 1
+                    self._handed_off += 1
                 self._maybe_spawn()
             finally:
                 self._leader.release()
