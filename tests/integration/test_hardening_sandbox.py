@@ -21,7 +21,7 @@ import pytest
 
 from p11guard.client import WireClient
 from tests.support.net import free_tcp_port
-from tests.support.pki import start_toml_server
+from tests.support.pki import audit_events, start_toml_server
 from tests.support.servers import P11GUARD, Server
 from tests.support.softhsm import SOFTHSM_MODULE, Token, make_token
 
@@ -165,12 +165,14 @@ def session(c: WireClient, alias: bytes) -> int:
     return int(handle)
 
 
-def worker_of(server: Server, before: set[int]) -> int:
+def worker_of(server: Server) -> int:
+    """The worker of the newest connection: the pid in its audit line (a new child
+    of the listener may also be the next pre-forked spare worker)."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        new = set(children(server.proc.pid)) - before
-        if new:
-            return new.pop()
+        connected = [e for e in audit_events(server) if e.get("event") == "connected"]
+        if connected and int(str(connected[-1]["pid"])) in children(server.proc.pid):
+            return int(str(connected[-1]["pid"]))
         time.sleep(0.05)
     raise AssertionError("no worker process appeared")
 
@@ -185,19 +187,23 @@ def test_workers_run_unprivileged_and_hardened(world_dir: Path, nobody_token: To
         assert listener["Gid"].split() == [str(NOGROUP)] * 4
         assert listener["Groups"] == str(NOGROUP)
         assert listener["NoNewPrivs"] == "1" and listener["CapEff"] == "0" * 16
-        before = set(children(server.proc.pid))
         with WireClient.connect(f"127.0.0.1:{port}") as c:
             handle = session(c, b"softhsm")
             assert c.rv("Login", handle, 1, b"1234") == CKR_OK  # the token is nobody's
             rv, data = c.call("GenerateRandom", handle, 16)
             assert rv == CKR_OK and len(data) == 16
-            pid = worker_of(server, before)
+            pid = worker_of(server)
             st = status(pid)
             assert st["Uid"].split() == [str(NOBODY)] * 4
             assert st["Gid"].split() == [str(NOGROUP)] * 4
             assert st["NoNewPrivs"] == "1"
             assert st["CapEff"] == st["CapPrm"] == "0" * 16
             assert st["Seccomp"] == "2"  # filter mode, installed after C_Initialize
+            # Every child, pre-forked spare workers included, was forked after the drop.
+            for child in children(server.proc.pid):
+                other = status(child)
+                assert other["Uid"].split() == [str(NOBODY)] * 4
+                assert other["NoNewPrivs"] == "1" and other["CapEff"] == "0" * 16
             assert core_limit(pid) == "0 0"
             # Not dumpable: the kernel gives its /proc files to root, so its own uid
             # (and any other process of that user) cannot ptrace it or read its memory.

@@ -182,6 +182,7 @@ def test_two_clients_cannot_see_each_others_session_objects(p11guard_tcp: Server
 
 
 def _workers_of(server: Server) -> set[int]:
+    """The listener's children but its pre-forked spares (named p11guard-spare)."""
     out = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -190,7 +191,7 @@ def _workers_of(server: Server) -> set[int]:
             except OSError:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == server.proc.pid:
+            if ppid == server.proc.pid and "(p11guard-spare)" not in stat:
                 out.add(int(entry.name))
     return out
 

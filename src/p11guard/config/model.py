@@ -18,6 +18,8 @@ DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_MAX_RECORD_SIZE = 16 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_SPARE_WORKERS = 1
+MAX_SPARE_WORKERS = 64
 # Sanity bounds: a record bigger than this is a bug or an attack, not a PKCS#11 call.
 MIN_RECORD_SIZE = 4096
 MAX_RECORD_SIZE = 1 << 30
@@ -123,6 +125,10 @@ class ServerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_record_size: int = DEFAULT_MAX_RECORD_SIZE
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    # Pre-forked spare workers kept ready for the next connections (0: fork on accept),
+    # and whether a spare loads the configured modules (dlopen, no C_Initialize) early.
+    spare_workers: int = DEFAULT_SPARE_WORKERS
+    preload_modules: bool = True
     user: str | None = None
     group: str | None = None
     tls: TlsConfig | None = None

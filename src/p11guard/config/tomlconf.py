@@ -14,7 +14,9 @@ from p11guard.config.model import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RECORD_SIZE,
     DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_SPARE_WORKERS,
     MAX_RECORD_SIZE,
+    MAX_SPARE_WORKERS,
     MIN_RECORD_SIZE,
     Listener,
     LogTarget,
@@ -34,7 +36,7 @@ from p11guard.policy.readers.toml import policy_from_mapping, toml_error
 
 TOP_KEYS = frozenset({"server", "listen", "tls", "modules", "policy", "identity", "sandbox"})
 SERVER_KEYS = frozenset({"max_connections", "max_record_size", "shutdown_grace", "user", "group",
-                         "pid_file", "log", "chroot"})
+                         "pid_file", "log", "chroot", "spare_workers", "preload_modules"})
 TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "algorithms", "peer_auth",
                       "allowed_clients_cert_path", "min_version", "ciphers",
                       "handshake_timeout"})
@@ -246,6 +248,9 @@ def toml_to_config(text: str, file: str) -> ServerConfig:
     if log not in ("stderr", "syslog"):
         raise ctx.fail("server.log", f"must be \"stderr\" or \"syslog\", got {log!r}")
     pid_file = _opt_str(ctx, server, "pid_file", "server")
+    preload = server.get("preload_modules", True)
+    if not isinstance(preload, bool):
+        raise ctx.fail("server.preload_modules", "must be true or false")
     tls_raw = doc.get("tls")
     if tls_raw is not None and not isinstance(tls_raw, dict):
         raise ctx.fail("tls", "must be a table")
@@ -270,6 +275,9 @@ def toml_to_config(text: str, file: str) -> ServerConfig:
         max_record_size=_int(ctx, server, "max_record_size", DEFAULT_MAX_RECORD_SIZE,
                              MIN_RECORD_SIZE, MAX_RECORD_SIZE),
         shutdown_grace=float(grace),
+        spare_workers=_int(ctx, server, "spare_workers", DEFAULT_SPARE_WORKERS, 0,
+                           MAX_SPARE_WORKERS),
+        preload_modules=preload,
         user=_opt_str(ctx, server, "user", "server"),
         group=_opt_str(ctx, server, "group", "server"),
         tls=_tls(ctx, tls_raw) if tls_raw is not None else None,

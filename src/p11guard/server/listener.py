@@ -1,12 +1,21 @@
-"""The listener: binds, accepts, forks one worker per connection, reaps them.
+"""The listener: binds, accepts, gives each connection its own worker, reaps them.
 
 The listener never loads a PKCS#11 module.  It imports the cffi binding (type
 declarations only) before forking so that workers share those pages and do not
 pay the import on every connection.
 
-Signals: SIGCHLD reaps workers; SIGTERM/SIGINT stop accepting, give workers
-``shutdown_grace`` seconds to finish with their clients, then SIGTERM them
-(a worker finalizes its module on SIGTERM) and SIGKILL what is left.
+Workers: the listener keeps ``spare_workers`` *spares* forked ahead
+(:mod:`p11guard.server.prefork`); an accepted connection is passed to a ready
+spare, which becomes its worker, and the next spare is forked after the
+hand-off.  Without a usable spare the listener forks a worker on accept.  A
+worker serves one connection and is never reused.  Spares do not count
+against ``max_connections``; a spare that dies is replaced after a back-off
+(doubling up to 30 s, reset by a successful hand-off).
+
+Signals: SIGCHLD reaps workers and spares; SIGTERM/SIGINT stop accepting, stop
+the spares, give workers ``shutdown_grace`` seconds to finish with their
+clients, then SIGTERM them (a worker finalizes its module on SIGTERM) and
+SIGKILL what is left.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config.server import Listener, ServerConfig
+from . import prefork
 from .sandbox import sigsys_hint
 
 log = logging.getLogger("p11guard.listener")
@@ -48,10 +58,24 @@ class BoundListener:
 
 
 @dataclass
+class Spare:
+    """A pre-forked worker waiting for a connection (listener side)."""
+
+    pid: int
+    ctrl: socket.socket | None  # our end of its control socket; None once let go
+    started: float
+    ready: bool = False  # it said it has prepared (prefork.READY)
+
+
+@dataclass
 class ListenerStats:
     accepted: int = 0
     refused: int = 0
     workers: dict[int, float] = field(default_factory=dict)  # pid -> start time
+    spares: dict[int, Spare] = field(default_factory=dict)  # pid -> spare
+    handed_off: int = 0  # connections served by a spare
+    forked_on_accept: int = 0
+    spares_lost: int = 0  # spares that died without a connection (not at shutdown)
 
 
 def bind(spec: Listener) -> BoundListener:
@@ -103,19 +127,34 @@ def adopt(sock: socket.socket, specs: list[Listener]) -> tuple[BoundListener, Li
 
 WorkerMain = Callable[[socket.socket, str, BoundListener], None]
 
+# Process names (ps, /proc/PID/comm): a spare waiting for its connection, a worker.
+SPARE_NAME = "p11guard-spare"
+WORKER_NAME = "p11guard-worker"
+SPARE_BACKOFF_FIRST = 0.1  # seconds before replacing a spare that died
+SPARE_BACKOFF_MAX = 30.0
+
 
 class Server:
-    """Accept loop with fork-per-connection."""
+    """Accept loop: one worker process per connection, pre-forked or forked on accept.
+
+    ``prepare`` runs in each spare before it reports ready (module preloading,
+    the seccomp program); ``worker_main`` serves one connection in either kind
+    of worker.
+    """
 
     def __init__(self, config: ServerConfig, listeners: list[BoundListener],
-                 worker_main: WorkerMain) -> None:
+                 worker_main: WorkerMain, prepare: Callable[[], None] | None = None) -> None:
         self.config = config
         self.listeners = listeners
         self.worker_main = worker_main
+        self.prepare = prepare
+        self.spare_workers = config.spare_workers
         self.stats = ListenerStats()
         self._stopping = False
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._spare_failures = 0  # spares lost in a row (back-off exponent)
+        self._next_spare_at = 0.0  # monotonic time before which no spare is forked
 
     def serve_forever(self) -> None:
         self._wake_r.setblocking(False)
@@ -131,15 +170,24 @@ class Server:
         for bl in self.listeners:
             log.info("listening on %s", bl.description)
         try:
+            self._replenish()
             while not self._stopping:
-                for key, _ in self._selector.select(timeout=1.0):
+                events = self._selector.select(timeout=self._select_timeout())
+                # A spare's READY first: a connection in the same round may use it.
+                events.sort(key=lambda event: not isinstance(event[0].data, Spare))
+                for key, _ in events:
                     if key.data is None:
                         self._drain_wakeups()
+                    elif isinstance(key.data, Spare):
+                        self._spare_says(key.data)
                     else:
                         self._accept(key.data)
                 self._reap()
+                # After the hand-offs: forking the next spare is not on their path.
+                self._replenish()
         finally:
             self._close_listeners()
+            self._stop_spares()
             self._drain_workers()
             signal.set_wakeup_fd(old_fd)
 
@@ -162,25 +210,62 @@ class Server:
                 conn.close()
                 continue
             self.stats.accepted += 1
-            self._fork_worker(conn, peer, bl)
+            if not self._hand_off(conn, peer, bl):
+                self._fork_worker(conn, peer, bl)
+
+    def _hand_off(self, conn: socket.socket, peer: str, bl: BoundListener) -> bool:
+        """Give ``conn`` to a ready spare; False when there is none (fork instead)."""
+        spare = self._ready_spare()
+        if spare is None or spare.ctrl is None:
+            return False
+        try:
+            prefork.send_connection(spare.ctrl, conn, self.listeners.index(bl), peer)
+        except OSError as exc:
+            log.warning("spare worker %d could not take %s (%s): forking a worker instead",
+                        spare.pid, peer, exc)
+            self._let_go(spare)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spare.pid, signal.SIGKILL)  # reaped (and replaced) as a lost spare
+            return False
+        conn.close()
+        self._let_go(spare)
+        del self.stats.spares[spare.pid]
+        self.stats.workers[spare.pid] = time.monotonic()
+        self.stats.handed_off += 1
+        self._spare_failures = 0
+        log.debug("spare worker %d serves %s", spare.pid, peer)
+        return True
+
+    def _ready_spare(self) -> Spare | None:
+        ready = [s for s in self.stats.spares.values() if s.ready and s.ctrl is not None]
+        return min(ready, key=lambda s: s.started) if ready else None
 
     def _fork_worker(self, conn: socket.socket, peer: str, bl: BoundListener) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
-            code = 0
-            try:
-                self._become_worker()
+            def serve() -> None:
+                prefork.set_process_name(WORKER_NAME)
                 conn.setblocking(True)
                 self.worker_main(conn, peer, bl)
-            except BaseException:  # never return into the listener's loop
-                log.exception("worker for %s failed", peer)
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
+
+            self._child(serve, f"worker for {peer}")
         conn.close()
         self.stats.workers[pid] = time.monotonic()
+        self.stats.forked_on_accept += 1
         log.debug("worker %d serves %s", pid, peer)
+
+    def _child(self, body: Callable[[], None], what: str) -> None:
+        """Run ``body`` in a freshly forked child and exit; never returns."""
+        code = 0
+        try:
+            self._become_worker()
+            body()
+        except BaseException:  # never return into the listener's loop
+            log.exception("%s failed", what)
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
 
     def _become_worker(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -191,6 +276,103 @@ class Server:
             bl.sock.close()
         self._wake_r.close()
         self._wake_w.close()
+        # The other spares' control sockets: a worker must not be able to feed them.
+        for spare in self.stats.spares.values():
+            if spare.ctrl is not None:
+                spare.ctrl.close()
+        self.stats.spares.clear()
+        self.stats.workers.clear()
+
+    # -- spares -------------------------------------------------------------------
+
+    def _replenish(self) -> None:
+        """Fork spares up to ``spare_workers`` unless a lost spare's back-off runs."""
+        while (not self._stopping and len(self.stats.spares) < self.spare_workers
+               and time.monotonic() >= self._next_spare_at):
+            if not self._fork_spare():
+                return
+
+    def _fork_spare(self) -> bool:
+        ours, theirs = prefork.control_pair()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            self._spare_lost(f"could not be forked: {exc}")
+            return False
+        if pid == 0:  # the spare
+            ours.close()
+
+            def live() -> None:
+                prefork.set_process_name(SPARE_NAME)
+                prefork.run_spare(theirs, self.prepare, self._serve_handed)
+
+            self._child(live, "spare worker")
+        theirs.close()
+        ours.setblocking(False)
+        spare = Spare(pid, ours, time.monotonic())
+        self.stats.spares[pid] = spare
+        self._selector.register(ours, selectors.EVENT_READ, spare)
+        return True
+
+    def _serve_handed(self, conn: socket.socket, index: int, peer: str) -> None:
+        """In a spare: serve the connection the listener passed (listener ``index``)."""
+        if not 0 <= index < len(self.listeners):
+            raise ValueError(f"hand-off names listener {index}, there are {len(self.listeners)}")
+        prefork.set_process_name(WORKER_NAME)
+        self.worker_main(conn, peer, self.listeners[index])
+
+    def _spare_says(self, spare: Spare) -> None:
+        if spare.ctrl is None:  # handed a connection earlier in this round of events
+            return
+        try:
+            message = spare.ctrl.recv(16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            message = b""
+        if message == prefork.READY:
+            spare.ready = True
+            log.debug("spare worker %d ready after %.1f ms", spare.pid,
+                      (time.monotonic() - spare.started) * 1000)
+            return
+        # EOF: it is exiting (reaped below).  Anything else: it is not well.
+        self._let_go(spare)
+        if message:
+            log.warning("spare worker %d sent %r: stopping it", spare.pid, message[:16])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spare.pid, signal.SIGKILL)
+
+    def _let_go(self, spare: Spare) -> None:
+        """Forget ``spare``'s control socket (closing it ends a waiting spare)."""
+        if spare.ctrl is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(spare.ctrl)
+            spare.ctrl.close()
+            spare.ctrl = None
+
+    def _spare_lost(self, how: str, pid: int | None = None) -> None:
+        self.stats.spares_lost += 1
+        self._spare_failures += 1
+        doublings = min(self._spare_failures - 1, 16)  # the cap is reached long before
+        delay = min(SPARE_BACKOFF_MAX, SPARE_BACKOFF_FIRST * 2 ** doublings)
+        self._next_spare_at = time.monotonic() + delay
+        name = f"spare worker {pid}" if pid is not None else "a spare worker"
+        log.warning("%s %s; next spare in %.1fs (connections meanwhile get a worker "
+                    "forked on accept)", name, how, delay)
+
+    def _stop_spares(self) -> None:
+        for spare in self.stats.spares.values():
+            self._let_go(spare)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spare.pid, signal.SIGTERM)
+
+    def _select_timeout(self) -> float:
+        if self._stopping or len(self.stats.spares) >= self.spare_workers:
+            return 1.0
+        # Wake up when the back-off of a lost spare is over.
+        return min(1.0, max(0.01, self._next_spare_at - time.monotonic()))
 
     # -- signals and reaping --------------------------------------------------------
 
@@ -205,25 +387,34 @@ class Server:
                 pass
 
     def _reap(self) -> None:
-        while self.stats.workers:
+        while self.stats.workers or self.stats.spares:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 self.stats.workers.clear()
+                for gone in self.stats.spares.values():
+                    self._let_go(gone)
+                self.stats.spares.clear()
                 return
             if pid == 0:
                 return
+            spare = self.stats.spares.pop(pid, None)
+            if spare is not None:
+                self._let_go(spare)
+                if self._stopping:
+                    log.debug("spare worker %d stopped", pid)
+                else:
+                    self._spare_lost(_exit_description(status) or "exited", pid)
+                continue
             started = self.stats.workers.pop(pid, None)
-            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
-                log.error("worker %d killed by SIGSYS: %s", pid, sigsys_hint())
-            elif os.WIFSIGNALED(status):
-                log.warning("worker %d killed by %s", pid,
-                            signal.Signals(os.WTERMSIG(status)).name)
-            elif os.waitstatus_to_exitcode(status) != 0:
-                log.warning("worker %d exited with status %d", pid,
-                            os.waitstatus_to_exitcode(status))
-            elif started is not None:
-                log.debug("worker %d done after %.1fs", pid, time.monotonic() - started)
+            how = _exit_description(status)
+            if how is None:
+                if started is not None:
+                    log.debug("worker %d done after %.1fs", pid, time.monotonic() - started)
+            elif os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
+                log.error("worker %d %s: %s", pid, how, sigsys_hint())
+            else:
+                log.warning("worker %d %s", pid, how)
 
     def _close_listeners(self) -> None:
         for bl in self.listeners:
@@ -235,7 +426,7 @@ class Server:
                     bl.path.unlink()
 
     def _drain_workers(self) -> None:
-        """Let workers finish for shutdown_grace seconds, then stop them."""
+        """Let workers finish for shutdown_grace seconds, then stop them (and spares)."""
         deadline = time.monotonic() + self.config.shutdown_grace
         if self.stats.workers:
             log.info("waiting up to %.0fs for %d worker(s)", self.config.shutdown_grace,
@@ -244,17 +435,27 @@ class Server:
             self._reap()
             time.sleep(0.05)
         for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 1.0)):
-            if not self.stats.workers:
+            if not self.stats.workers and not self.stats.spares:
                 break
-            for pid in list(self.stats.workers):
+            for pid in [*self.stats.workers, *self.stats.spares]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
             end = time.monotonic() + wait
-            while self.stats.workers and time.monotonic() < end:
+            while (self.stats.workers or self.stats.spares) and time.monotonic() < end:
                 self._reap()
                 time.sleep(0.02)
-        log.info("stopped: %d connection(s) served, %d refused",
-                 self.stats.accepted, self.stats.refused)
+        log.info("stopped: %d connection(s) served, %d refused; %d by a spare worker, "
+                 "%d by a worker forked on accept, %d spare(s) lost", self.stats.accepted,
+                 self.stats.refused, self.stats.handed_off, self.stats.forked_on_accept,
+                 self.stats.spares_lost)
+
+
+def _exit_description(status: int) -> str | None:
+    """How a child ended, for the log; None for a clean exit."""
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    code = os.waitstatus_to_exitcode(status)
+    return f"exited with status {code}" if code != 0 else None
 
 
 def _peer_name(conn: socket.socket, addr: object) -> str:

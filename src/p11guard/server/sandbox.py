@@ -13,10 +13,12 @@ listener, once, as root:
   5. :func:`harden_process`: PR_SET_NO_NEW_PRIVS, PR_SET_DUMPABLE 0 (no ptrace
      attach, no /proc/PID/mem, no core), RLIMIT_CORE 0 - workers hold PINs;
   6. tell systemd READY=1, accept.
-each worker:
-  7. TLS handshake, identity, refusal of unknown peers (before any PKCS#11 call);
-  8. LoadModule, Initialize (the module opens its files, threads, devices);
-  9. :func:`install_seccomp`: the allow-list filter, on every thread (TSYNC).
+each worker (forked after 4-5: a spare forked ahead, or forked on accept):
+  7. a spare only, before it has a client: dlopen the configured modules (no
+     C_Initialize; ``preload_modules``) and :func:`prepare_seccomp`;
+  8. TLS handshake, identity, refusal of unknown peers (before any PKCS#11 call);
+  9. LoadModule, Initialize (the module opens its files, threads, devices);
+  10. :func:`install_seccomp`: the allow-list filter, on every thread (TSYNC).
 
 The seccomp filter is a hand-built classic BPF program (no dependency).  It
 allows the system calls a worker, CPython and an ordinary PKCS#11 module make
@@ -336,11 +338,32 @@ def seccomp_supported() -> str | None:
     return None
 
 
-def install_seccomp(cfg: SandboxConfig) -> None:
-    """Install the filter on every thread of this process; raises OSError on failure."""
+# (pid, configuration, program): built ahead by a spare worker (prepare_seccomp).
+_prepared: tuple[int, SandboxConfig, _SockFprog] | None = None
+
+
+def _compile(cfg: SandboxConfig) -> _SockFprog:
     prog = build_filter(cfg, os.getpid())
     filters = (_SockFilter * len(prog))(*[_SockFilter(*insn) for insn in prog])
-    fprog = _SockFprog(len(prog), filters)
+    return _SockFprog(len(prog), filters)  # keeps ``filters`` alive (ctypes _objects)
+
+
+def prepare_seccomp(cfg: SandboxConfig) -> None:
+    """Build this process's filter now, before it has a client (a spare worker);
+    :func:`install_seccomp` then only installs it.  The program names the pid."""
+    global _prepared
+    _prepared = (os.getpid(), cfg, _compile(cfg))
+
+
+def _program(cfg: SandboxConfig) -> _SockFprog:
+    if _prepared is not None and _prepared[0] == os.getpid() and _prepared[1] == cfg:
+        return _prepared[2]
+    return _compile(cfg)
+
+
+def install_seccomp(cfg: SandboxConfig) -> None:
+    """Install the filter on every thread of this process; raises OSError on failure."""
+    fprog = _program(cfg)
     # Required for an unprivileged process; set by harden_process already.
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     syscall = _c().syscall

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import logging.handlers
 import os
@@ -16,7 +17,7 @@ from typing import Any
 from ..config.server import ConfigError, ServerConfig
 from ..policy.engine import EngineContext, wrap_module
 from ..wire.codec import Limits
-from . import sandbox, systemd
+from . import prefork, sandbox, systemd
 from .dispatch import Dispatcher
 from .dispatch_v4 import DispatcherV4
 from .identity import Gate, guard_load_module
@@ -81,23 +82,53 @@ def _alias_matcher(config: ServerConfig) -> Any:
     return lambda pattern, name: pattern == name
 
 
-def make_worker_main(config: ServerConfig, options: ServeOptions, gate: Gate | None = None,
-                     seccomp: bool = False) -> Any:
-    limits = limits_of(config)
-    # Threads per worker (calls on different sessions in parallel); 1 = serial.
-    threads = int(os.environ.get("P11GUARD_WORKER_THREADS", "4"))
-    settings = WorkerSettings(limits=limits, max_threads=max(1, threads))
-    matcher = _alias_matcher(config)
-    gate = gate or Gate(config, None)
+class WorkerProgram:
+    """What a worker process runs for its one connection.
 
-    def worker_main(conn: socket.socket, peer: str, bl: BoundListener) -> None:
+    ``prepare`` is the client-independent part, run ahead in a spare worker
+    (:mod:`p11guard.server.prefork`): load the configured modules (no
+    C_Initialize) and build the seccomp program.  A worker forked on accept
+    skips it and does the same on demand.
+    """
+
+    def __init__(self, config: ServerConfig, options: ServeOptions, gate: Gate | None = None,
+                 seccomp: bool = False) -> None:
+        self.config = config
+        self.options = options
+        self.gate = gate or Gate(config, None)
+        self.seccomp = seccomp
+        self.limits = limits_of(config)
+        # Threads per worker (calls on different sessions in parallel); 1 = serial.
+        threads = int(os.environ.get("P11GUARD_WORKER_THREADS", "4"))
+        self.settings = WorkerSettings(limits=self.limits, max_threads=max(1, threads))
+        self.matcher = _alias_matcher(config)
+        self._preloaded: dict[str, Any] = {}  # module path -> pkcs11.binding.Module
+
+    def module_paths(self) -> list[str]:
+        """Every configured module path, the identities' own policy files included."""
+        policies = [self.config.policy, *self.gate.policies.values()]
+        return list(dict.fromkeys(m.path for policy in policies for m in policy.modules))
+
+    def prepare(self) -> None:
+        if self.config.preload_modules:
+            self._preloaded = prefork.preload_modules(self.module_paths())
+        if self.seccomp:
+            sandbox.prepare_seccomp(self.config.sandbox)
+
+    def load_module(self, path: str) -> Any:
+        """The dispatcher's loader: the preloaded module, else dlopen now."""
         from ..pkcs11.binding import Module
 
+        module = self._preloaded.pop(path, None)
+        return module if module is not None else Module(path)
+
+    def __call__(self, conn: socket.socket, peer: str, bl: BoundListener) -> None:
+        config, options, limits, matcher = self.config, self.options, self.limits, self.matcher
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pid = os.getpid()
         # TLS handshake, identity and its rights: before any RPC is read.
-        admission = gate.admit(conn, peer, bl.tls)
+        admission = self.gate.admit(conn, peer, bl.tls)
         if admission is None:
             conn.close()
             return
@@ -107,7 +138,7 @@ def make_worker_main(config: ServerConfig, options: ServeOptions, gate: Gate | N
 
         context = EngineContext(peer=peer, pid=pid)
         dispatcher = Dispatcher(
-            admission.modules, Module, limits, alias_matcher=matcher,
+            admission.modules, self.load_module, limits, alias_matcher=matcher,
             on_call=on_call if options.debug_pkcs11 else None,
             wrap_backend=lambda module, alias: wrap_module(module, admission.policy, alias,
                                                            context),
@@ -119,12 +150,12 @@ def make_worker_main(config: ServerConfig, options: ServeOptions, gate: Gate | N
                                          4: DispatcherV4(dispatcher).handle}
         for version, handle in list(handlers.items()):
             wrapped = guard_load_module(handle, admission, matcher)
-            if seccomp:
+            if self.seccomp:
                 wrapped = sandbox.sandbox_after_initialize(
                     wrapped, config.sandbox, lambda: connection.shutdown())
             handlers[version] = wrapped
         handler = handlers.pop(3)
-        connection = Connection(admission.stream, handler, settings, handlers,
+        connection = Connection(admission.stream, handler, self.settings, handlers,
                                 fast_plan=dispatcher.fast_plan)
         signal.signal(signal.SIGTERM, lambda *_: connection.shutdown())
         log.debug("worker serving %s", peer)
@@ -135,7 +166,10 @@ def make_worker_main(config: ServerConfig, options: ServeOptions, gate: Gate | N
             admission.close()
             log.debug("worker for %s done: %d calls", peer, connection.calls)
 
-    return worker_main
+
+def make_worker_main(config: ServerConfig, options: ServeOptions, gate: Gate | None = None,
+                     seccomp: bool = False) -> WorkerProgram:
+    return WorkerProgram(config, options, gate, seccomp)
 
 
 def _daemonize() -> int:
@@ -216,7 +250,15 @@ def serve(config: ServerConfig, options: ServeOptions) -> int:
             seccomp = False
     else:
         log.warning("sandbox off: [sandbox] seccomp = false")
-    server = Server(config, bound, make_worker_main(config, options, gate, seccomp))
+    program = WorkerProgram(config, options, gate, seccomp)
+    if config.spare_workers:
+        log.info("%d spare worker(s) kept ready%s", config.spare_workers,
+                 ", modules preloaded" if config.preload_modules else "")
+    server = Server(config, bound, program, program.prepare)
+    # Everything allocated so far lives as long as the listener: keep it out of the
+    # collector's reach, so that a worker's collections do not write to (and copy)
+    # the pages it shares with the listener.
+    gc.freeze()
     notifier.ready(f"serving {len(bound)} listener(s)")
     _signal_ready(ready_fd)
     try:
@@ -258,3 +300,11 @@ def _preload() -> None:
     from ..pkcs11 import binding  # noqa: F401
     from ..policy import strregex  # noqa: F401
     from ..wire import procedures  # noqa: F401
+
+    # The C types the first calls of every worker name (no module is loaded).
+    prefork.warm_cffi_types()
+    # p11guard's own C fast path (not a PKCS#11 module): loaded here once, as its
+    # docstring says, instead of in every worker (~8 ms: cdef, dlopen, offsets).
+    from . import fastpath
+
+    fastpath.load()
