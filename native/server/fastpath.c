@@ -24,6 +24,7 @@
 #include "fastpath.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -101,18 +102,27 @@ static int rd_bare_mechanism(struct rd *r, uint32_t version, uint32_t tag_none, 
 
 /* ---- writing the reply ---------------------------------------------------- */
 
-static int reserve(struct p11g_fast *st, size_t need)
+/* The reply buffer of the calling thread: the worker may run calls on several
+ * threads (p11g_fast_call); one connection per process, so one set of them. */
+static _Thread_local uint8_t *scratch;
+static _Thread_local size_t scratch_cap;
+
+/* Replies from several threads go out whole, one at a time (Python's sends
+ * too: p11g_fast_send). */
+static pthread_mutex_t send_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int reserve(size_t need)
 {
-    if (need <= st->scratch_cap)
+    if (need <= scratch_cap)
         return 0;
-    size_t cap = st->scratch_cap ? (size_t)st->scratch_cap : 4096;
+    size_t cap = scratch_cap ? (size_t)scratch_cap : 4096;
     while (cap < need)
         cap *= 2;
-    uint8_t *p = realloc(st->scratch, cap);
+    uint8_t *p = realloc(scratch, cap);
     if (p == NULL)
         return -1;
-    st->scratch = p;
-    st->scratch_cap = cap;
+    scratch = p;
+    scratch_cap = cap;
     return 0;
 }
 
@@ -150,23 +160,23 @@ static void *function_at(const struct p11g_fast *st, uint16_t offset)
     return fp;
 }
 
-/* The reply is laid out in st->scratch: REPLY_HEADER bytes (filled last),
+/* The reply is laid out in scratch: REPLY_HEADER bytes (filled last),
  * then the result.  An output byte string is written by the module in place,
  * right after rv and the opaque's length word (OUT_AT). */
 #define RV_AT REPLY_HEADER
 #define OUT_AT (REPLY_HEADER + 8 + 4)
 
-static uint8_t *output_room(struct p11g_fast *st, uint64_t cap)
+static uint8_t *output_room(uint64_t cap)
 {
-    if (reserve(st, OUT_AT + (size_t)cap + 3 + 8) != 0)
+    if (reserve(OUT_AT + (size_t)cap + 3 + 8) != 0)
         return NULL;
-    return st->scratch + OUT_AT;
+    return scratch + OUT_AT;
 }
 
 /* rv, an opaque of `len` bytes already at OUT_AT, optionally one more word. */
-static size_t finish_output(struct p11g_fast *st, CK_RV rv, size_t len, int tail, uint64_t word)
+static size_t finish_output(CK_RV rv, size_t len, int tail, uint64_t word)
 {
-    uint8_t *p = st->scratch;
+    uint8_t *p = scratch;
     put64(p + RV_AT, rv);
     put32(p + RV_AT + 8, (uint32_t)len);
     size_t pos = OUT_AT + len;
@@ -191,11 +201,11 @@ static size_t call_output(struct p11g_fast *st, void *fp, int with_data, CK_SESS
     CK_ULONG got = 0;
     CK_RV rv;
     if (v4 && out_len == OUT_LEN_NULL) {
-        if (reserve(st, OUT_AT + 8) != 0)
+        if (reserve(OUT_AT + 8) != 0)
             return 0;
         rv = with_data ? ((fn_data_out)fp)(s, (CK_BYTE *)data, dlen, NULL, &got)
                        : ((fn_final_out)fp)(s, NULL, &got);
-        return finish_output(st, rv, 0, 1, got);
+        return finish_output(rv, 0, 1, got);
     }
     uint64_t cap = st->max_opaque;
     if (v4 && out_len < cap)
@@ -204,7 +214,7 @@ static size_t call_output(struct p11g_fast *st, void *fp, int with_data, CK_SESS
     if (v4 && guess > cap)
         guess = cap;
     for (int attempt = 0;; attempt++) {
-        uint8_t *out = output_room(st, guess ? guess : 1);
+        uint8_t *out = output_room(guess ? guess : 1);
         if (out == NULL)
             return 0;
         got = (CK_ULONG)guess;
@@ -223,22 +233,22 @@ static size_t call_output(struct p11g_fast *st, void *fp, int with_data, CK_SESS
         else
             len = (size_t)got;
     }
-    return finish_output(st, rv, len, v4, got);
+    return finish_output(rv, len, v4, got);
 }
 
 /* rv and then `n` more words. */
-static size_t words_reply(struct p11g_fast *st, CK_RV rv, const uint64_t *w, size_t n)
+static size_t words_reply(CK_RV rv, const uint64_t *w, size_t n)
 {
-    if (reserve(st, RV_AT + 8 * (n + 1)) != 0)
+    if (reserve(RV_AT + 8 * (n + 1)) != 0)
         return 0;
-    put64(st->scratch + RV_AT, rv);
+    put64(scratch + RV_AT, rv);
     for (size_t i = 0; i < n; i++)
-        put64(st->scratch + RV_AT + 8 * (i + 1), w[i]);
+        put64(scratch + RV_AT + 8 * (i + 1), w[i]);
     return RV_AT + 8 * (n + 1);
 }
 
 /* Decode and run one call, leaving the result after the header in
- * st->scratch.  Returns the reply length; DECLINE (Python's path takes the
+ * scratch.  Returns the reply length; DECLINE (Python's path takes the
  * call: nothing was run) or NO_MEMORY. */
 #define DECLINE ((size_t)0)
 #define NO_MEMORY ((size_t)1)
@@ -254,7 +264,7 @@ static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struc
     case P11G_SHAPE_HANDLE:
         if (rd_u64(r, &a) != 0 || r->pos != r->n)
             return DECLINE;
-        n = words_reply(st, ((fn_handle)fp)(a), NULL, 0);
+        n = words_reply(((fn_handle)fp)(a), NULL, 0);
         break;
     case P11G_SHAPE_SESSION_INFO: {
         if (rd_u64(r, &a) != 0 || r->pos != r->n)
@@ -269,7 +279,7 @@ static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struc
             w[2] = info.flags;
             w[3] = info.ulDeviceError;
         }
-        n = words_reply(st, rv, w, 4);
+        n = words_reply(rv, w, 4);
         break;
     }
     case P11G_SHAPE_OPEN_SESSION: {
@@ -278,21 +288,21 @@ static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struc
         CK_SESSION_HANDLE h = 0;
         CK_RV rv = ((fn_open)fp)(a, b, NULL, NULL, &h);
         uint64_t w = h;
-        n = words_reply(st, rv, &w, 1);
+        n = words_reply(rv, &w, 1);
         break;
     }
     case P11G_SHAPE_RANDOM: {
         if (rd_u64(r, &a) != 0 || rd_u64(r, &b) != 0 || r->pos != r->n)
             return DECLINE;
         if (b > st->max_opaque) {
-            n = output_room(st, 0) ? finish_output(st, CKR_DATA_LEN_RANGE, 0, 0, 0) : 0;
+            n = output_room(0) ? finish_output(CKR_DATA_LEN_RANGE, 0, 0, 0) : 0;
             break;
         }
-        uint8_t *out = output_room(st, b ? b : 1);
+        uint8_t *out = output_room(b ? b : 1);
         if (out == NULL)
             return NO_MEMORY;
         CK_RV rv = ((fn_bytes)fp)(a, out, b);
-        n = finish_output(st, rv, rv == CKR_OK ? (size_t)b : 0, 0, 0);
+        n = finish_output(rv, rv == CKR_OK ? (size_t)b : 0, 0, 0);
         break;
     }
     case P11G_SHAPE_DATA_OUT:
@@ -309,13 +319,13 @@ static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struc
     case P11G_SHAPE_DATA_IN:
         if (rd_u64(r, &a) != 0 || rd_opaque(r, &d1, &l1) != 0 || r->pos != r->n)
             return DECLINE;
-        n = words_reply(st, ((fn_bytes)fp)(a, (CK_BYTE *)d1, l1), NULL, 0);
+        n = words_reply(((fn_bytes)fp)(a, (CK_BYTE *)d1, l1), NULL, 0);
         break;
     case P11G_SHAPE_DATA2_IN:
         if (rd_u64(r, &a) != 0 || rd_opaque(r, &d1, &l1) != 0 ||
             rd_opaque(r, &d2, &l2) != 0 || r->pos != r->n)
             return DECLINE;
-        n = words_reply(st, ((fn_data2_in)fp)(a, (CK_BYTE *)d1, l1, (CK_BYTE *)d2, l2), NULL, 0);
+        n = words_reply(((fn_data2_in)fp)(a, (CK_BYTE *)d1, l1, (CK_BYTE *)d2, l2), NULL, 0);
         break;
     case P11G_SHAPE_MECH:
     case P11G_SHAPE_MECH_KEY: {
@@ -328,7 +338,7 @@ static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struc
         CK_MECHANISM m = {b, NULL, 0};
         CK_RV rv = proc->shape == P11G_SHAPE_MECH ? ((fn_mech)fp)(a, &m)
                                                   : ((fn_mech_key)fp)(a, &m, c);
-        n = words_reply(st, rv, NULL, 0);
+        n = words_reply(rv, NULL, 0);
         break;
     }
     case P11G_SHAPE_FIND: {
@@ -347,8 +357,8 @@ static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struc
             found = 0;
         /* rv, objects (count word + hypers), count */
         n = 0;
-        if (reserve(st, RV_AT + 8 + 4 + 8 * (size_t)found + 8) == 0) {
-            uint8_t *p = st->scratch;
+        if (reserve(RV_AT + 8 + 4 + 8 * (size_t)found + 8) == 0) {
+            uint8_t *p = scratch;
             put64(p + RV_AT, rv);
             put32(p + RV_AT + 8, (uint32_t)found);
             size_t pos = RV_AT + 12;
@@ -376,20 +386,23 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static int send_all(int fd, const uint8_t *p, size_t n, int *err)
+static int send_all(int fd, const uint8_t *p, size_t n)
 {
+    int err = 0;
+    pthread_mutex_lock(&send_lock);
     while (n > 0) {
         ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
-            *err = errno;
-            return -1;
+            err = errno ? errno : EIO;
+            break;
         }
         p += w;
         n -= (size_t)w;
     }
-    return 0;
+    pthread_mutex_unlock(&send_lock);
+    return err;
 }
 
 /* Is the next call already waiting?  (Checked before a long call's reply is
@@ -398,6 +411,60 @@ static int input_pending(int fd)
 {
     uint8_t byte;
     return recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
+static void release_scratch(void)
+{
+    if (scratch_cap > SCRATCH_KEEP) {
+        free(scratch);
+        scratch = NULL;
+        scratch_cap = 0;
+    }
+}
+
+/* One record of n bytes: served (1, reply sent), declined (0: not a call
+ * for here, nothing ran) or an error (< 0: the call may have run).  *overlap
+ * (may be NULL) is set when a long call ended with the next one waiting. */
+static long serve_record(struct p11g_fast *st, const uint8_t *buf, size_t n, int *overlap)
+{
+    if (n < CALL_HEADER)
+        return 0;
+    uint32_t w[11];
+    for (int i = 0; i < 11; i++)
+        w[i] = be32(buf + 4 * i);
+    /* mark, xid, CALL, RPC 2, program, version, procedure, AUTH_NONE, 0, AUTH_NONE, 0 */
+    if (w[0] != (LAST_FRAGMENT | (uint32_t)(n - 4)) || w[2] != 0 || w[3] != 2 ||
+        w[4] != st->program || w[5] != st->version || w[6] >= P11G_FAST_MAX_PROC ||
+        w[7] != 0 || w[8] != 0 || w[9] != 0 || w[10] != 0)
+        return 0;
+    const struct p11g_fast_proc *proc = &st->procs[w[6]];
+    if (proc->shape == P11G_SHAPE_NONE || proc->shape >= P11G_SHAPE_COUNT)
+        return 0;
+    struct rd r = {buf + CALL_HEADER, n - CALL_HEADER, 0, st->max_opaque};
+    uint64_t started = (overlap != NULL && (proc->flags & P11G_FAST_LONG)) ? now_ns() : 0;
+    size_t len = run(st, proc, &r);
+    if (len == DECLINE)
+        return 0;
+    if (len == NO_MEMORY)
+        return P11G_FAST_NO_MEMORY; /* the call ran: the connection must end */
+    uint8_t *p = scratch;
+    put32(p, LAST_FRAGMENT | (uint32_t)(len - 4));
+    put32(p + 4, w[1]); /* xid */
+    put32(p + 8, 1);    /* REPLY */
+    put32(p + 12, 0);   /* MSG_ACCEPTED */
+    put32(p + 16, 0);   /* verifier AUTH_NONE */
+    put32(p + 20, 0);   /* verifier length */
+    put32(p + 24, 0);   /* SUCCESS */
+    if (started && now_ns() - started >= st->long_call_ns && input_pending(st->fd))
+        *overlap = 1;
+    int err = send_all(st->fd, p, len);
+    __atomic_add_fetch(&st->calls, 1, __ATOMIC_RELAXED);
+    release_scratch();
+    if (err != 0) {
+        st->error = err;
+        return P11G_FAST_SOCKET_ERROR;
+    }
+    return 1;
 }
 
 long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap)
@@ -412,52 +479,28 @@ long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap)
             st->error = errno;
             return P11G_FAST_SOCKET_ERROR;
         }
-        size_t n = (size_t)got;
-        if (n < CALL_HEADER)
+        int overlap = 0;
+        long r = serve_record(st, buf, (size_t)got, &overlap);
+        if (r == 0)
             return got;
-        uint32_t w[11];
-        for (int i = 0; i < 11; i++)
-            w[i] = be32(buf + 4 * i);
-        /* mark, xid, CALL, RPC 2, program, version, procedure, AUTH_NONE, 0, AUTH_NONE, 0 */
-        if (w[0] != (LAST_FRAGMENT | (uint32_t)(n - 4)) || w[2] != 0 || w[3] != 2 ||
-            w[4] != st->program || w[5] != st->version || w[6] >= P11G_FAST_MAX_PROC ||
-            w[7] != 0 || w[8] != 0 || w[9] != 0 || w[10] != 0)
-            return got;
-        const struct p11g_fast_proc *proc = &st->procs[w[6]];
-        if (proc->shape == P11G_SHAPE_NONE || proc->shape >= P11G_SHAPE_COUNT)
-            return got;
-        struct rd r = {buf + CALL_HEADER, n - CALL_HEADER, 0, st->max_opaque};
-        uint64_t started = (proc->flags & P11G_FAST_LONG) ? now_ns() : 0;
-        size_t len = run(st, proc, &r);
-        if (len == DECLINE)
-            return got;
-        if (len == NO_MEMORY)
-            return P11G_FAST_NO_MEMORY; /* the call ran: the client must not wait forever */
-        uint8_t *p = st->scratch;
-        put32(p, LAST_FRAGMENT | (uint32_t)(len - 4));
-        put32(p + 4, w[1]); /* xid */
-        put32(p + 8, 1);    /* REPLY */
-        put32(p + 12, 0);   /* MSG_ACCEPTED */
-        put32(p + 16, 0);   /* verifier AUTH_NONE */
-        put32(p + 20, 0);   /* verifier length */
-        put32(p + 24, 0);   /* SUCCESS */
-        int overlap = started && now_ns() - started >= st->long_call_ns &&
-                      input_pending(st->fd);
-        int err = 0;
-        int sent = send_all(st->fd, p, len, &err);
-        st->calls++;
-        if (st->scratch_cap > SCRATCH_KEEP) {
-            free(st->scratch);
-            st->scratch = NULL;
-            st->scratch_cap = 0;
-        }
-        if (sent != 0) {
-            st->error = err;
-            return P11G_FAST_SOCKET_ERROR;
-        }
+        if (r < 0)
+            return r;
         if (overlap)
             return P11G_FAST_OVERLAP;
     }
+}
+
+long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n)
+{
+    int overlap = 0;
+    long r = serve_record(st, record, n, &overlap);
+    return r == 1 && overlap ? 2 : r;
+}
+
+long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n)
+{
+    int err = send_all(st->fd, data, n);
+    return err ? -(long)err : 0;
 }
 
 size_t p11g_fast_struct_size(void)

@@ -58,8 +58,6 @@ struct p11g_fast {
     uint64_t calls;        /* calls answered here (cumulative) */
     int32_t error;         /* errno of the socket error behind P11G_FAST_SOCKET_ERROR */
     int32_t reserved;
-    uint8_t *scratch;      /* reply buffer, owned by C (kept while small) */
-    uint64_t scratch_cap;
 };
 
 /* p11g_fast_serve() results (> 0: that many bytes in buf for Python) */
@@ -69,7 +67,17 @@ struct p11g_fast {
 #define P11G_FAST_INTERRUPTED (-3) /* a signal: Python runs its handlers, then calls again */
 #define P11G_FAST_NO_MEMORY (-4)
 
+/* Read and serve calls until one needs Python (only while no other thread of
+ * the worker runs a call). */
 long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap);
+/* Serve one whole framed record already read: 1 served (reply sent), 2 served
+ * and the next call was waiting when this long one ended, 0 not for here
+ * (nothing ran), < 0 an error.  Any thread; the caller keeps the call's
+ * session order (Python's session locks). */
+long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n);
+/* Send bytes under the lock the replies of p11g_fast_* go out under:
+ * 0, or -errno. */
+long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n);
 size_t p11g_fast_struct_size(void);
 
 #endif

@@ -45,9 +45,10 @@ struct p11g_fast {
     uint64_t long_call_ns;
     struct p11g_fast_proc procs[128];
     uint64_t calls; int32_t error; int32_t reserved;
-    uint8_t *scratch; uint64_t scratch_cap;
 };
 long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap);
+long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n);
+long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n);
 size_t p11g_fast_struct_size(void);
 """
 MAX_PROC: Final = 128
@@ -149,11 +150,18 @@ class FastPath:
         self._plan_key: object = None
         self._buf: Any = None
         self._cap = 0
-        self.served_calls = 0
+
+    @property
+    def plan_key(self) -> object:
+        """The key of the plan the state holds (None: not configured yet)."""
+        return self._plan_key
 
     def configure(self, fd: int, version: int, plan: Plan, limits: Limits, *,
                   long_call: float, key: object) -> None:
-        """Fill the state for ``plan`` (skipped when ``key`` did not change)."""
+        """Fill the state for ``plan`` (skipped when ``key`` did not change).
+
+        Only while no call runs in C on another thread (the worker's leader,
+        alone): the C side reads the table without a lock."""
         if key == self._plan_key:
             return
         st = self._state
@@ -173,17 +181,35 @@ class FastPath:
             st.procs[number].fn = offset
         self._plan_key = key
 
-    def use_buffer(self, buf: bytearray) -> None:
-        """Receive into ``buf`` (the connection's receive buffer; never resized)."""
+    def attach(self, fd: int, buf: bytearray) -> None:
+        """The connection's socket, and its receive buffer (never resized)."""
+        self._state.fd = fd
         self._buf = self._ffi.from_buffer("uint8_t[]", buf)
         self._cap = len(buf)
 
     def serve(self) -> int:
         """Serve calls in C until one needs Python (see the module constants)."""
-        before = int(self._state.calls)
         result: int = self._lib.p11g_fast_serve(self._state, self._buf, self._cap)
-        self.served_calls += int(self._state.calls) - before
         return result
+
+    def call(self, record: bytes) -> int:
+        """Serve one whole framed record (any thread): 1 served and answered (2: and
+        the next call was already waiting when this long one ended), 0 not for C
+        (nothing ran: Python answers it), < 0 an error (end the connection)."""
+        result: int = self._lib.p11g_fast_call(self._state, record, len(record))
+        return result
+
+    def send(self, data: bytes | bytearray) -> None:
+        """Send under the lock C's replies go out under; OSError on failure."""
+        result: int = self._lib.p11g_fast_send(self._state, self._ffi.from_buffer(data),
+                                               len(data))
+        if result < 0:
+            raise OSError(-result, os.strerror(-result))
+
+    @property
+    def served_calls(self) -> int:
+        """Calls answered in C so far."""
+        return int(self._state.calls)
 
     @property
     def error(self) -> int:

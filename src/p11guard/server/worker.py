@@ -145,7 +145,7 @@ class Connection:
             library = fastpath.load()
             if library is not None:
                 self._fast = library.connection()
-                self._fast.use_buffer(self._rbuf)
+                self._fast.attach(sock.fileno(), self._rbuf)
 
     @property
     def calls(self) -> int:
@@ -190,7 +190,7 @@ class Connection:
                 if work is None:
                     self._closed = True
                     return
-                xid, number, body, session_lock = work
+                xid, number, body, framed, session_lock = work
                 with self._state:
                     self._busy += 1
                     self._unanswered += 1
@@ -200,11 +200,20 @@ class Connection:
                 self._leader.release()
             answered = False
             try:
-                reply = self._reply(xid, number, body)
-                with self._state:
-                    self._unanswered -= 1
-                answered = True
-                self._send_bytes(reply)
+                if framed is not None and self._fast is not None:
+                    # C reports an overlap itself (_call_in_c): counting this call as
+                    # unanswered until its reply is out would make a client that
+                    # stopped overlapping look as if it still did.
+                    with self._state:
+                        self._unanswered -= 1
+                    answered = True
+                if not self._call_in_c(framed):
+                    reply = self._reply(xid, number, body)
+                    if not answered:
+                        with self._state:
+                            self._unanswered -= 1
+                        answered = True
+                    self._send_bytes(reply)
             finally:
                 if session_lock is not None:
                     session_lock.release()
@@ -213,7 +222,8 @@ class Connection:
                     if not answered:
                         self._unanswered -= 1
 
-    def _lead(self) -> tuple[int, int, memoryview, threading.Lock | None] | None:
+    def _lead(self) -> tuple[int, int, memoryview, bytes | None,
+                             threading.Lock | None] | None:
         """As the leader, serve calls until one should run on its own thread.
 
         Returns that call with its session lock held, or None when the
@@ -223,10 +233,13 @@ class Connection:
         rbuf = self._rbuf
         program = PROGRAM
         while not self._closed:
-            if (recv_into is not None and not self._busy and self.version is not None
+            work: tuple[int, int, memoryview] | None = None
+            framed: bytes | None = None  # the whole record, when it came in alone
+            if (recv_into is not None and self.version is not None
                     and not self.reader.ready and not self.reader.buffered):
-                # The fast path (module docstring): nothing else runs, so no locks.
-                if self._fast is not None and self._fast_ready():
+                # The fast path (module docstring); lock-free while nothing else runs.
+                alone = not self._busy
+                if alone and self._fast is not None and self._fast_ready():
                     # In C until a call needs Python: then its bytes are in rbuf.
                     n = self._fast.serve()
                     if n <= 0:
@@ -249,23 +262,30 @@ class Connection:
                     if not n:
                         return None
                 simple = rpc.match_simple_call(rbuf, n, program)
-                if (simple is not None and simple[1] == self.version
-                        and simple[2] in self._codecs and self._runs_inline(simple[2])):
+                if simple is not None and simple[1] == self.version and simple[2] in self._codecs:
                     xid, _, number = simple
-                    body = self._rview[rpc.FRAMED_CALL_HEADER_SIZE:n]
-                    if number in QUICK_PROCEDURES:
-                        self._send_unlocked(self._reply(xid, number, body))
-                    else:
-                        self._run_inline(xid, number, body, self._send_unlocked)
-                    continue
-                try:
-                    self.reader.feed(self._rview[:n].tobytes())
-                except rpc.RecordTooLarge as exc:
-                    log.warning("closing connection: %s", exc)
-                    return None
-            work = self._next_call()
+                    if alone and self._runs_inline(number):
+                        body = self._rview[rpc.FRAMED_CALL_HEADER_SIZE:n]
+                        if number in QUICK_PROCEDURES:
+                            self._send_unlocked(self._reply(xid, number, body))
+                        else:
+                            self._run_inline(xid, number, body, self._send_unlocked)
+                        continue
+                    # Other calls are running, or this one will: the record must
+                    # outlive the receive buffer (the next leader reads into it).
+                    framed = self._rview[:n].tobytes()
+                    work = (xid, number, memoryview(framed)[rpc.FRAMED_CALL_HEADER_SIZE:])
+                else:
+                    try:
+                        self.reader.feed(self._rview[:n].tobytes())
+                    except rpc.RecordTooLarge as exc:
+                        log.warning("closing connection: %s", exc)
+                        return None
             if work is None:
-                return None
+                record = self._next_record()
+                if record is None:
+                    return None
+                work, framed = record
             xid, number, body = work
             session_lock = self._session_lock(number, body)
             if session_lock is not None:
@@ -275,13 +295,34 @@ class Connection:
                 # overlaps calls.
                 self._concurrent_until = time.monotonic() + CONCURRENCY_MEMORY
             if not self._runs_inline(number):
-                return xid, number, body, session_lock
+                return xid, number, body, framed, session_lock
             try:
-                self._run_inline(xid, number, body, self._send_bytes)
+                if not self._call_in_c(framed):
+                    self._run_inline(xid, number, body, self._send_bytes)
             finally:
                 if session_lock is not None:
                     session_lock.release()
         return None
+
+    def _call_in_c(self, framed: bytes | None) -> bool:
+        """Answer one whole record with the C fast path while other calls run
+        (p11g_fast_call; the caller holds the session lock).  False: Python's
+        path answers it (nothing ran)."""
+        fast = self._fast
+        if fast is None or framed is None or fast.plan_key is None or self._fast_plan is None:
+            return False
+        version = self.version or VERSION_CAMLCRUSH
+        found = self._fast_plan(version, LONG_PROCEDURES[version])
+        if found is None or found[0] != fast.plan_key:
+            return False  # the plan changed: reconfigured only while alone
+        result = fast.call(framed)
+        if result < 0:
+            log.error("C fast path failed (%d): closing the connection", result)
+            self.shutdown()
+            return True
+        if result == 2:
+            self._concurrent_until = time.monotonic() + CONCURRENCY_MEMORY
+        return result > 0
 
     def _fast_ready(self) -> bool:
         """May the C fast path take the socket now?  (Configures it when the
@@ -374,6 +415,20 @@ class Connection:
             return lock
 
     # -- reading --------------------------------------------------------------------
+
+    def _next_record(self) -> tuple[tuple[int, int, memoryview], bytes | None] | None:
+        """The next call, and its record framed as one fragment for the C fast
+        path when it has the simple shape C takes (None otherwise)."""
+        work = self._next_call()
+        if work is None:
+            return None
+        body = work[2]
+        framed = None
+        if self._fast is not None and body.obj is not None:
+            record = bytes(body.obj)  # _check_call's record (bytes: no copy)
+            if len(record) - len(body) == rpc.FRAMED_CALL_HEADER_SIZE - 4:
+                framed = rpc.frame(record)
+        return work, framed
 
     def _next_call(self) -> tuple[int, int, memoryview] | None:
         """Read until one valid call is available; answer protocol errors on the way.
@@ -488,7 +543,11 @@ class Connection:
     def _send_unlocked(self, data: bytes | bytearray) -> None:
         """Send without the send lock: only when no other thread can be sending."""
         try:
-            self.sock.sendall(data)
+            if self._fast is not None:
+                # The C fast path's own lock: its replies may go out from other threads.
+                self._fast.send(data)
+            else:
+                self.sock.sendall(data)
         except OSError as exc:
             log.debug("send failed: %s", exc)
             self.shutdown()
