@@ -253,12 +253,7 @@ class Connection:
                                       os.strerror(self._fast.error))
                         return None
                 else:
-                    try:
-                        n = recv_into(rbuf)
-                    except OSError as exc:
-                        if not self._closed:
-                            log.debug("connection error: %s", exc)
-                        return None
+                    n = self._receive()
                     if not n:
                         return None
                 simple = rpc.match_simple_call(rbuf, n, program)
@@ -275,12 +270,8 @@ class Connection:
                     # outlive the receive buffer (the next leader reads into it).
                     framed = self._rview[:n].tobytes()
                     work = (xid, number, memoryview(framed)[rpc.FRAMED_CALL_HEADER_SIZE:])
-                else:
-                    try:
-                        self.reader.feed(self._rview[:n].tobytes())
-                    except rpc.RecordTooLarge as exc:
-                        log.warning("closing connection: %s", exc)
-                        return None
+                elif not self._feed(self._rview[:n].tobytes()):
+                    return None
             if work is None:
                 record = self._next_record()
                 if record is None:
@@ -439,29 +430,43 @@ class Connection:
         while True:
             record = self.reader.pop()
             if record is None:
-                try:
-                    if self._recv_into is not None:
-                        # Into a reused buffer: sock.recv(N) would allocate (mmap,
-                        # mremap, munmap) N bytes on every call.
-                        n = self._recv_into(self._rbuf)
-                        data = self._rview[:n].tobytes()
-                    else:
+                if self._recv_into is not None:
+                    n = self._receive()
+                    data = self._rview[:n].tobytes()
+                else:
+                    try:
                         data = self.sock.recv(RECV_SIZE)
-                except OSError as exc:
-                    if not self._closed:
-                        log.debug("connection error: %s", exc)
-                    return None
-                if not data:
-                    return None
-                try:
-                    self.reader.feed(data)
-                except rpc.RecordTooLarge as exc:
-                    log.warning("closing connection: %s", exc)
+                    except OSError as exc:
+                        if not self._closed:
+                            log.debug("connection error: %s", exc)
+                        return None
+                if not data or not self._feed(data):
                     return None
                 continue
             work = self._check_call(record)
             if work is not None:
                 return work
+
+    def _receive(self) -> int:
+        """Read into the reused receive buffer (sock.recv(N) would allocate, mremap
+        and free N bytes on every call): the byte count, 0 at the end (EOF, error)."""
+        assert self._recv_into is not None
+        try:
+            n: int = self._recv_into(self._rbuf)
+        except OSError as exc:
+            if not self._closed:
+                log.debug("connection error: %s", exc)
+            return 0
+        return n
+
+    def _feed(self, data: bytes) -> bool:
+        """Give the record reader more bytes; False when the connection must end."""
+        try:
+            self.reader.feed(data)
+        except rpc.RecordTooLarge as exc:
+            log.warning("closing connection: %s", exc)
+            return False
+        return True
 
     def _check_call(self, record: bytes) -> tuple[int, int, memoryview] | None:
         try:
