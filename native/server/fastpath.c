@@ -100,6 +100,60 @@ static int rd_bare_mechanism(struct rd *r, uint32_t version, uint32_t tag_none, 
     return rd_u32(r, &tag) == 0 && tag == tag_none ? 0 : -1;
 }
 
+/* A version-4 typed template of plain values (fastpath.py: FIND_INIT): BYTES
+ * and ULONG attributes only, at most MAX_TEMPLATE of them.  Declined (-1):
+ * nested templates, arrays, byte strings for CK_ATTRIBUTE-array types (the
+ * dispatcher refuses those), and any one-byte value other than 0x00/0x01 -
+ * it may be a non-canonical CK_BBOOL, which the policy's canonical-booleans
+ * unit rewrites: so the calls served here are exactly those it leaves alone. */
+#define MAX_TEMPLATE 32
+#define CKF_ARRAY_ATTRIBUTE_BIT 0x40000000UL
+#define KIND_BYTES 0
+#define KIND_ULONG 1
+
+struct plain_template {
+    CK_ATTRIBUTE attrs[MAX_TEMPLATE];
+    CK_ULONG ulongs[MAX_TEMPLATE];
+    CK_ULONG count;
+};
+
+static int rd_plain_template(struct rd *r, struct plain_template *t)
+{
+    static CK_BYTE empty; /* a valid pointer for zero-length values */
+    uint32_t n;
+    if (rd_u32(r, &n) != 0 || n > MAX_TEMPLATE)
+        return -1;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t type;
+        uint32_t kind;
+        if (rd_u64(r, &type) != 0 || rd_u32(r, &kind) != 0)
+            return -1;
+        CK_ATTRIBUTE *a = &t->attrs[i];
+        a->type = type;
+        if (kind == KIND_ULONG) {
+            uint64_t value;
+            if (rd_u64(r, &value) != 0 || value > (CK_ULONG)-1)
+                return -1;
+            t->ulongs[i] = (CK_ULONG)value;
+            a->pValue = &t->ulongs[i];
+            a->ulValueLen = sizeof(CK_ULONG);
+        } else if (kind == KIND_BYTES) {
+            const uint8_t *v;
+            uint64_t len;
+            if (rd_opaque(r, &v, &len) != 0)
+                return -1;
+            if ((len > 0 && (type & CKF_ARRAY_ATTRIBUTE_BIT)) || (len == 1 && v[0] > 1))
+                return -1;
+            a->pValue = len ? (void *)v : (void *)&empty;
+            a->ulValueLen = len;
+        } else {
+            return -1;
+        }
+    }
+    t->count = n;
+    return 0;
+}
+
 /* ---- writing the reply ---------------------------------------------------- */
 
 /* The reply buffer of the calling thread: the worker may run calls on several
@@ -152,6 +206,7 @@ typedef CK_RV (*fn_data2_in)(CK_SESSION_HANDLE, CK_BYTE *, CK_ULONG, CK_BYTE *, 
 typedef CK_RV (*fn_mech)(CK_SESSION_HANDLE, CK_MECHANISM *);
 typedef CK_RV (*fn_mech_key)(CK_SESSION_HANDLE, CK_MECHANISM *, CK_OBJECT_HANDLE);
 typedef CK_RV (*fn_find)(CK_SESSION_HANDLE, CK_OBJECT_HANDLE *, CK_ULONG, CK_ULONG *);
+typedef CK_RV (*fn_find_init)(CK_SESSION_HANDLE, CK_ATTRIBUTE *, CK_ULONG);
 
 static void *function_at(const struct p11g_fast *st, uint16_t offset)
 {
@@ -369,6 +424,15 @@ static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struc
         }
         if (hs != &one)
             free(hs);
+        break;
+    }
+    case P11G_SHAPE_FIND_INIT: {
+        struct plain_template t;
+        if (st->version != 4 || rd_u64(r, &a) != 0 || rd_plain_template(r, &t) != 0 ||
+            r->pos != r->n)
+            return DECLINE;
+        /* An empty template is NULL, 0 (as binding.py passes it). */
+        n = words_reply(((fn_find_init)fp)(a, t.count ? t.attrs : NULL, t.count), NULL, 0);
         break;
     }
     default:

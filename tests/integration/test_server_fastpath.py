@@ -167,6 +167,33 @@ def session_script(p: Peer) -> list[Any]:
     return [(name, p.c.call(name, *args)) for name, args in calls]
 
 
+def find_script(p: Peer) -> list[Any]:
+    """FindObjectsInit templates: plain ones are served in C (version 4), the others
+    (non-canonical booleans, nested templates, arrays) go to Python's path."""
+    s = p.session
+    p.aes_key()
+    if p.version == 3:
+        templates: list[Any] = [[], [(c.CKA_CLASS, c.CKO_SECRET_KEY.to_bytes(8, "little"), 8)],
+                                [(c.CKA_ENCRYPT, b"\x02", 1)]]
+    else:
+        templates = [
+            [], [(c.CKA_CLASS, U, c.CKO_SECRET_KEY)], [(c.CKA_LABEL, B, b"")],
+            [(c.CKA_CLASS, U, c.CKO_SECRET_KEY), (c.CKA_ENCRYPT, B, TRUE)],
+            [(c.CKA_ENCRYPT, B, b"\x02")],  # non-canonical TRUE: Python canonicalises
+            [(c.CKA_ENCRYPT, B, b"\x02\x00")],  # two bytes: as it is
+            [(c.CKA_WRAP_TEMPLATE, B, b"xx")],  # bytes for an array attribute: refused
+            [(c.CKA_WRAP_TEMPLATE, ValueKind.TEMPLATE, [(c.CKA_ENCRYPT, B, TRUE)])],
+            [(c.CKA_VALUE_LEN, U, (1 << 64) - 1)],
+            [(0x8000_0001, B, b"vendor")] * 33,  # more than fastpath.c takes
+        ]
+    out: list[Any] = []
+    for template in templates:
+        out.append(("FindObjectsInit", p.c.call("FindObjectsInit", s, template)))
+        out.append(("FindObjects", p.c.call("FindObjects", s, 10)))
+        out.append(("FindObjectsFinal", p.c.call("FindObjectsFinal", s)))
+    return out
+
+
 def hostile_script(p: Peer) -> list[Any]:
     """Bodies no honest client sends, for procedures the fast path serves."""
     s = p.session.to_bytes(8, "big")
@@ -197,7 +224,7 @@ def hostile_script(p: Peer) -> list[Any]:
 
 
 SCRIPTS: dict[str, Script] = {"crypto": crypto_script, "sessions": session_script,
-                              "hostile": hostile_script}
+                              "hostile": hostile_script, "find": find_script}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

@@ -159,8 +159,9 @@ class PolicyModule:
         if found is None:
             return None
         address, available = found
-        return address, frozenset(name for name in available
-                                  if name in self.pipelines and not self.pipelines[name])
+        return address, frozenset(
+            name for name in available if name in self.pipelines
+            and all(unit.fast_path_checked for unit in self.pipelines[name]))
 
     def close(self) -> None:
         self._backend.close()

@@ -77,9 +77,10 @@ _SHAPE_WIRE: Final[dict[int, dict[int, tuple[tuple[Kind, ...], tuple[Kind, ...]]
     9: {3: ((_H, _M3), (_H,)), 4: ((_H, _M4), (_H,))},                      # MECH
     10: {3: ((_H, _M3, _H), (_H,)), 4: ((_H, _M4, _H), (_H,))},             # MECH_KEY
     11: {3: ((_H, _H), (_H, _L, _H)), 4: ((_H, _H), (_H, _L, _H))},         # FIND
+    12: {4: ((_H, Kind.TYPED_TEMPLATE), (_H,))},                           # FIND_INIT
 }
 HANDLE, SESSION_INFO, OPEN_SESSION, RANDOM, DATA_OUT, FINAL_OUT = 1, 2, 3, 4, 5, 6
-DATA_IN, DATA2_IN, MECH, MECH_KEY, FIND = 7, 8, 9, 10, 11
+DATA_IN, DATA2_IN, MECH, MECH_KEY, FIND, FIND_INIT = 7, 8, 9, 10, 11, 12
 
 # Procedure name -> shape.  Only procedures whose dispatcher handler is the plain
 # table-driven one (or FindObjects/GenerateRandom, whose bounds fastpath.c repeats):
@@ -100,6 +101,11 @@ SHAPES: Final[dict[str, int]] = {
     **dict.fromkeys(("SignInit", "VerifyInit", "EncryptInit", "DecryptInit", "SignRecoverInit",
                      "VerifyRecoverInit"), MECH_KEY),
     "FindObjects": FIND,
+    # Version 4 only (typed templates; a v3 template is in the client's layout).
+    # fastpath.c takes plain BYTES/ULONG templates and declines any one-byte value
+    # other than 0/1, so the canonical-booleans unit would leave these calls alone
+    # (Unit.fast_path_checked).
+    "FindObjectsInit": FIND_INIT,
 }
 
 
@@ -115,6 +121,8 @@ def _check_shapes() -> dict[int, dict[int, tuple[int, str]]]:
         by_name: dict[str, Procedure] = {p.name: p for p in TABLES[version].values()}
         table: dict[int, tuple[int, str]] = {}
         for name, shape in SHAPES.items():
+            if version not in _SHAPE_WIRE[shape]:
+                continue
             proc = by_name[name]
             wire = (_kinds(proc.args), _kinds(proc.result))
             if wire != _SHAPE_WIRE[shape][version]:

@@ -97,6 +97,9 @@ class Unit:
     # state.cache): the Bookkeeping unit is added only when some unit may.
     # Conservative default; a unit that only looks at its call's arguments says no.
     needs_bookkeeping: bool = True
+    # True when the worker's C fast path (server/fastpath.py) declines every call
+    # this unit would change, so the unit does not keep its functions out of C.
+    fast_path_checked: bool = False
 
     def __init__(self, state: EngineState) -> None:
         self.state = state

@@ -37,6 +37,8 @@ class CanonicalBooleans(Unit):
     name = "canonical_booleans"
     stage = STAGE_CANONICAL
     needs_bookkeeping = False  # rewrites its call's templates, nothing else
+    # fastpath.c declines any template holding a one-byte value other than 0/1.
+    fast_path_checked = True
 
     def applies(self, spec: FunctionSpec) -> bool:
         return any(spec.has(role) for role in _TEMPLATE_ROLES)
