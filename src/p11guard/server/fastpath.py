@@ -164,7 +164,7 @@ class FastPath:
         """The key of the plan the state holds (None: not configured yet)."""
         return self._plan_key
 
-    def configure(self, fd: int, version: int, plan: Plan, limits: Limits, *,
+    def configure(self, version: int, plan: Plan, limits: Limits, *,
                   long_call: float, key: object) -> None:
         """Fill the state for ``plan`` (skipped when ``key`` did not change).
 
@@ -173,7 +173,6 @@ class FastPath:
         if key == self._plan_key:
             return
         st = self._state
-        st.fd = fd
         st.program = PROGRAM
         st.version = version
         st.tag_none = TAG_NONE

@@ -191,36 +191,33 @@ class Connection:
                     self._closed = True
                     return
                 xid, number, body, framed, session_lock = work
+                # Unanswered until its reply is computed, unless C may answer it: C
+                # reports an overlap itself (_call_in_c), and counting the call until
+                # C's reply is out would make a client that stopped overlapping look
+                # as if it still did.
+                counted = framed is None or self._fast is None
                 with self._state:
                     self._busy += 1
-                    self._unanswered += 1
                     self._handed_off += 1
+                    if counted:
+                        self._unanswered += 1
                 self._maybe_spawn()
             finally:
                 self._leader.release()
-            answered = False
             try:
-                if framed is not None and self._fast is not None:
-                    # C reports an overlap itself (_call_in_c): counting this call as
-                    # unanswered until its reply is out would make a client that
-                    # stopped overlapping look as if it still did.
-                    with self._state:
-                        self._unanswered -= 1
-                    answered = True
                 if not self._call_in_c(framed):
-                    reply = self._reply(xid, number, body)
-                    if not answered:
-                        with self._state:
-                            self._unanswered -= 1
-                        answered = True
+                    try:
+                        reply = self._reply(xid, number, body)
+                    finally:
+                        if counted:
+                            with self._state:
+                                self._unanswered -= 1
                     self._send_bytes(reply)
             finally:
                 if session_lock is not None:
                     session_lock.release()
                 with self._state:
                     self._busy -= 1
-                    if not answered:
-                        self._unanswered -= 1
 
     def _lead(self) -> tuple[int, int, memoryview, bytes | None,
                              threading.Lock | None] | None:
@@ -261,10 +258,7 @@ class Connection:
                     xid, _, number = simple
                     if alone and self._runs_inline(number):
                         body = self._rview[rpc.FRAMED_CALL_HEADER_SIZE:n]
-                        if number in QUICK_PROCEDURES:
-                            self._send_unlocked(self._reply(xid, number, body))
-                        else:
-                            self._run_inline(xid, number, body, self._send_unlocked)
+                        self._run_inline(xid, number, body, self._send_unlocked)
                         continue
                     # Other calls are running, or this one will: the record must
                     # outlive the receive buffer (the next leader reads into it).
@@ -300,10 +294,9 @@ class Connection:
         (p11g_fast_call; the caller holds the session lock).  False: Python's
         path answers it (nothing ran)."""
         fast = self._fast
-        if fast is None or framed is None or fast.plan_key is None or self._fast_plan is None:
+        if fast is None or framed is None or fast.plan_key is None:
             return False
-        version = self.version or VERSION_CAMLCRUSH
-        found = self._fast_plan(version, LONG_PROCEDURES[version])
+        found = self._current_plan()
         if found is None or found[0] != fast.plan_key:
             return False  # the plan changed: reconfigured only while alone
         result = fast.call(framed)
@@ -318,20 +311,22 @@ class Connection:
     def _fast_ready(self) -> bool:
         """May the C fast path take the socket now?  (Configures it when the
         dispatcher's plan changed: module loaded, initialised, finalised.)"""
-        assert self._fast is not None and self._fast_plan is not None
+        assert self._fast is not None
         if time.monotonic() < self._concurrent_until:
             return False  # long calls are being handed to threads: Python decides
-        version = self.version or VERSION_CAMLCRUSH
-        found = self._fast_plan(version, LONG_PROCEDURES[version])
+        found = self._current_plan()
         if found is None:
             return False
         key, plan = found
-        fileno = getattr(self.sock, "fileno", None)
-        if fileno is None:
-            return False
-        self._fast.configure(fileno(), version, plan, self.settings.limits,
+        self._fast.configure(self.version or VERSION_CAMLCRUSH, plan, self.settings.limits,
                              long_call=LONG_CALL, key=key)
         return True
+
+    def _current_plan(self) -> tuple[object, fastpath.Plan] | None:
+        """The dispatcher's fast-path plan for this connection now (cached there)."""
+        assert self._fast_plan is not None
+        version = self.version or VERSION_CAMLCRUSH
+        return self._fast_plan(version, LONG_PROCEDURES[version])
 
     def _runs_inline(self, number: int) -> bool:
         """Run this call on the leader itself (rather than hand leadership over)?
