@@ -226,9 +226,10 @@ static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct 
          * so that a record mark and a short reply cost one system call. */
         uint8_t *into = n >= RBUF_SIZE ? dst : c->rbuf;
         size_t cap = n >= RBUF_SIZE ? n : RBUF_SIZE;
+        long r;
         if (c->tls != NULL) {
             short ev = 0;
-            long r = p11g_tls_recv(c->tls, into, cap, &ev);
+            r = p11g_tls_recv(c->tls, into, cap, &ev);
             if (r < 0)
                 return P11G_E_NET; /* TLS failure or end of stream: the reason is kept */
             if (r == 0) {
@@ -237,39 +238,30 @@ static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct 
                     return w;
                 continue;
             }
-            if (into == dst) {
-                dst += r;
-                n -= (size_t)r;
-            } else {
-                c->rpos = 0;
-                c->rlen = (size_t)r;
+        } else {
+            /* A plain socket is blocking with SO_RCVTIMEO (see p11g_conn_open):
+             * one recv() per reply instead of recv() + poll() + recv(). */
+            r = (long)recv(c->fd, into, cap, 0);
+            if (r == 0)
+                return P11G_E_NET; /* peer closed */
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    return P11G_E_NET;
+                /* SO_RCVTIMEO expired (or a spurious wake-up): the deadline decides. */
+                if (ms_left(deadline) == 0)
+                    return P11G_E_TIMEOUT;
+                continue;
             }
-            continue;
         }
-        /* A plain socket is blocking with SO_RCVTIMEO (see p11g_conn_open):
-         * one recv() per reply instead of recv() + poll() + recv(). */
-        ssize_t r = recv(c->fd, into, cap, 0);
-        if (r > 0) {
-            if (into == dst) {
-                dst += r;
-                n -= (size_t)r;
-            } else {
-                c->rpos = 0;
-                c->rlen = (size_t)r;
-            }
-            continue;
+        if (into == dst) {
+            dst += r;
+            n -= (size_t)r;
+        } else {
+            c->rpos = 0;
+            c->rlen = (size_t)r;
         }
-        if (r == 0)
-            return P11G_E_NET; /* peer closed */
-        if (errno == EINTR)
-            continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            /* SO_RCVTIMEO expired (or a spurious wake-up): the deadline decides. */
-            if (ms_left(deadline) == 0)
-                return P11G_E_TIMEOUT;
-            continue;
-        }
-        return P11G_E_NET;
     }
     return P11G_OK;
 }
