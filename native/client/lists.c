@@ -108,6 +108,19 @@ static CK_RV param_arg(struct p11g_arg *a, CK_VOID_PTR p, CK_ULONG pl, int encry
     return CKR_OK;
 }
 
+/* The arguments every message function starts with, after the protocol check:
+ * the session (a[0]) and the per-message parameter (a[1]); the other n - 2
+ * start zeroed for the caller to fill. */
+static CK_RV message_args(struct p11g_arg *a, size_t n, CK_SESSION_HANDLE s, CK_VOID_PTR p,
+                          CK_ULONG pl, int encrypting)
+{
+    if (p11g_proto() != 4)
+        return NS;
+    memset(a, 0, n * sizeof *a);
+    a[0].h = s;
+    return param_arg(&a[1], p, pl, encrypting);
+}
+
 /* The parameter that came back (result index 1), when the call succeeded. */
 static CK_RV param_back(const struct p11g_result *c, const struct p11g_arg *pa, CK_VOID_PTR p,
                         CK_ULONG pl)
@@ -124,14 +137,10 @@ static CK_RV crypt_message(unsigned proc, int encrypting, CK_SESSION_HANDLE s, C
 {
     if (outl == NULL || bytes_bad(ad, adl) || bytes_bad(in, inl))
         return CKR_ARGUMENTS_BAD;
-    if (p11g_proto() != 4)
-        return NS;
     struct p11g_arg a[5];
-    memset(a, 0, sizeof a);
-    CK_RV rv = param_arg(&a[1], p, pl, encrypting);
+    CK_RV rv = message_args(a, 5, s, p, pl, encrypting);
     if (rv != CKR_OK)
         return rv;
-    a[0].h = s;
     a[2].ptr = ad;
     a[2].len = adl;
     a[3].ptr = in;
@@ -167,14 +176,10 @@ static CK_RV crypt_begin(unsigned proc, int encrypting, CK_SESSION_HANDLE s, CK_
 {
     if (bytes_bad(ad, adl))
         return CKR_ARGUMENTS_BAD;
-    if (p11g_proto() != 4)
-        return NS;
     struct p11g_arg a[3];
-    memset(a, 0, sizeof a);
-    CK_RV rv = param_arg(&a[1], p, pl, encrypting);
+    CK_RV rv = message_args(a, 3, s, p, pl, encrypting);
     if (rv != CKR_OK)
         return rv;
-    a[0].h = s;
     a[2].ptr = ad;
     a[2].len = adl;
     struct p11g_result c;
@@ -203,14 +208,10 @@ static CK_RV crypt_next(unsigned proc, int encrypting, CK_SESSION_HANDLE s, CK_V
 {
     if (outl == NULL || bytes_bad(in, inl))
         return CKR_ARGUMENTS_BAD;
-    if (p11g_proto() != 4)
-        return NS;
     struct p11g_arg a[5];
-    memset(a, 0, sizeof a);
-    CK_RV rv = param_arg(&a[1], p, pl, encrypting && (flags & CKF_END_OF_MESSAGE));
+    CK_RV rv = message_args(a, 5, s, p, pl, encrypting && (flags & CKF_END_OF_MESSAGE));
     if (rv != CKR_OK)
         return rv;
-    a[0].h = s;
     a[2].ptr = in;
     a[2].len = inl;
     a[3].h = out != NULL ? (uint64_t)*outl : P11G_OUT_LEN_NULL;
@@ -244,14 +245,10 @@ P11G_EXPORT CK_RV C_SignMessage(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl,
 {
     if (sigl == NULL || bytes_bad(d, dl))
         return CKR_ARGUMENTS_BAD;
-    if (p11g_proto() != 4)
-        return NS;
     struct p11g_arg a[4];
-    memset(a, 0, sizeof a);
-    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    CK_RV rv = message_args(a, 4, s, p, pl, 0);
     if (rv != CKR_OK)
         return rv;
-    a[0].h = s;
     a[2].ptr = d;
     a[2].len = dl;
     a[3].h = sig != NULL ? (uint64_t)*sigl : P11G_OUT_LEN_NULL;
@@ -273,14 +270,10 @@ P11G_EXPORT CK_RV C_SignMessageNext(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG
 {
     if (bytes_bad(d, dl))
         return CKR_ARGUMENTS_BAD;
-    if (p11g_proto() != 4)
-        return NS;
     struct p11g_arg a[5];
-    memset(a, 0, sizeof a);
-    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    CK_RV rv = message_args(a, 5, s, p, pl, 0);
     if (rv != CKR_OK)
         return rv;
-    a[0].h = s;
     a[2].ptr = d;
     a[2].len = dl;
     a[3].h = sigl != NULL;
@@ -301,14 +294,10 @@ P11G_EXPORT CK_RV C_SignMessageNext(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG
 /* SignMessageBegin / VerifyMessageBegin: H Y -> H */
 static CK_RV message_begin(unsigned proc, CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG pl)
 {
-    if (p11g_proto() != 4)
-        return NS;
     struct p11g_arg a[2];
-    memset(a, 0, sizeof a);
-    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    CK_RV rv = message_args(a, 2, s, p, pl, 0);
     if (rv != CKR_OK)
         return rv;
-    a[0].h = s;
     return p11g_simple(proc, a);
 }
 
@@ -328,14 +317,10 @@ P11G_EXPORT CK_RV C_VerifyMessage(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULONG p
 {
     if (bytes_bad(d, dl) || sig == NULL)
         return CKR_ARGUMENTS_BAD;
-    if (p11g_proto() != 4)
-        return NS;
     struct p11g_arg a[4];
-    memset(a, 0, sizeof a);
-    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    CK_RV rv = message_args(a, 4, s, p, pl, 0);
     if (rv != CKR_OK)
         return rv;
-    a[0].h = s;
     a[2].ptr = d;
     a[2].len = dl;
     a[3].ptr = sig;
@@ -351,14 +336,10 @@ P11G_EXPORT CK_RV C_VerifyMessageNext(CK_SESSION_HANDLE s, CK_VOID_PTR p, CK_ULO
 {
     if (bytes_bad(d, dl))
         return CKR_ARGUMENTS_BAD;
-    if (p11g_proto() != 4)
-        return NS;
     struct p11g_arg a[5];
-    memset(a, 0, sizeof a);
-    CK_RV rv = param_arg(&a[1], p, pl, 0);
+    CK_RV rv = message_args(a, 5, s, p, pl, 0);
     if (rv != CKR_OK)
         return rv;
-    a[0].h = s;
     a[2].ptr = d;
     a[2].len = dl;
     a[3].h = sig != NULL;
