@@ -15,12 +15,10 @@ import pytest
 
 from tests.native.hostile_server import Hostile
 from tests.native.support import (
-    ASAN_DRIVER,
-    ASAN_LIB,
     LIB,
     build_all,
     run_driver,
-    sanitizer_env,
+    run_restart_scenario,
     sanitizer_report,
 )
 from tests.support.servers import Server, start_server
@@ -77,26 +75,13 @@ def test_kill_and_restart_server(token: Token, tmp_path: Path, kind: str) -> Non
     work = tmp_path / kind
     server = start_server(kind, token, work, unix=True)
     env = server.client_env(PKCS11PROXY_RPC_TIMEOUT="5")
-    proc = subprocess.Popen([str(ASAN_DRIVER), str(ASAN_LIB), "restart"],
-                            env=sanitizer_env(env), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # server.stop() kills the controller and with it the worker serving us.
     try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline().strip() == "READY1"
-        server.stop()  # kills the controller and with it the worker serving us
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "READY2"
-        server = start_server(kind, token, work, unix=True)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        out, err = proc.communicate(timeout=120)
+        result, restarted = run_restart_scenario(
+            env, server.stop, lambda: start_server(kind, token, work, unix=True))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        server.stop()
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        server.stop()  # already stopped unless the driver failed before
+    restarted.stop()
     _ok(result, "restart done, 0 failures")
 
 

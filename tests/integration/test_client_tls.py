@@ -26,12 +26,10 @@ from pathlib import Path
 import pytest
 
 from tests.native.support import (
-    ASAN_DRIVER,
-    ASAN_LIB,
     LIB,
     build_all,
     run_driver,
-    sanitizer_env,
+    run_restart_scenario,
     sanitizer_report,
 )
 from tests.support.net import free_tcp_port
@@ -218,29 +216,17 @@ def test_server_restart_and_reconnect_under_asan(pki: Pki, token: Token,
     port = int(server.address.rsplit(":", 1)[1])
     env = tls_env(server, pki, PKCS11PROXY_RPC_TIMEOUT="5")
     env |= {"P11G_TOKEN": "test", "P11G_PIN": "1234"}
-    proc = subprocess.Popen([str(ASAN_DRIVER), str(ASAN_LIB), "restart"],
-                            env=sanitizer_env(env), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # server.stop(): the worker holding our TLS session goes with it.
     try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline().strip() == "READY1"
-        server.stop()  # the worker holding our TLS session goes with it
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "READY2"
-        server = start(pki, token, tmp_path / "srv", port=port)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        out, err = proc.communicate(timeout=120)
+        result, restarted = run_restart_scenario(
+            env, server.stop, lambda: start(pki, token, tmp_path / "srv", port=port))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        server.stop()
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        server.stop()  # already stopped unless the driver failed before
+    restarted.stop()
     assert sanitizer_report(result) is None, sanitizer_report(result)
-    assert proc.returncode == 0 and "restart done, 0 failures" in out, out + err
-    assert err.count("p11guard: connection to the proxy lost") == 1, err
+    assert result.returncode == 0 and "restart done, 0 failures" in result.stdout, \
+        result.stdout + result.stderr
+    assert result.stderr.count("p11guard: connection to the proxy lost") == 1, result.stderr
 
 
 EXIT_WITHOUT_FINALIZE = """

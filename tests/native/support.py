@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_DIR = REPO / "native" / "client"
@@ -14,6 +16,14 @@ ASAN_LIB = CLIENT_DIR / "build" / "asan" / "libp11guard.so"
 DRIVER = NATIVE_TESTS / "build" / "driver"
 ASAN_DRIVER = NATIVE_TESTS / "build" / "asan" / "driver"
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
+S = TypeVar("S", bound=_Stoppable)
 
 
 def build_all() -> None:
@@ -63,3 +73,39 @@ def sanitizer_report(proc: subprocess.CompletedProcess[str]) -> str | None:
         if at >= 0:
             return proc.stderr[max(0, at - 200) : at + 3000]
     return None
+
+
+def run_restart_scenario(env: dict[str, str], stop_server: Callable[[], object],
+                         start_server: Callable[[], S]) -> tuple[
+                             subprocess.CompletedProcess[str], S]:
+    """The ASan driver's "restart" scenario: once it is connected and logged in
+    (READY1), ``stop_server()``; once its calls fail cleanly (READY2),
+    ``start_server()``; the driver then reconnects and works again.
+
+    Returns the driver's result and the restarted server (the caller stops it;
+    on an error here it is stopped before the error propagates).
+    """
+    proc = subprocess.Popen([str(ASAN_DRIVER), str(ASAN_LIB), "restart"],
+                            env=sanitizer_env(env), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    restarted: S | None = None
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "READY1"
+        stop_server()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "READY2"
+        restarted = start_server()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    except BaseException:
+        if restarted is not None:
+            restarted.stop()
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), restarted
