@@ -2,13 +2,19 @@
  * p11guard server fast path (see fastpath.h).
  *
  * A worker's Python loop hands the connected socket to p11g_fast_serve() while
- * nothing else runs in the worker.  Each read that holds exactly one whole
- * single-fragment AUTH_NONE call of the connection's program and version, for
- * a procedure Python marked as servable, is decoded, run and answered here.
- * Anything else - another procedure, a mechanism with a parameter, a byte
- * string over the bound, trailing bytes, several records, fragments, garbage -
- * goes back to Python untouched (the return value says how many bytes were
- * read), and Python's path produces the answer, including every error reply.
+ * nothing else runs in the worker.  It splits what it reads into records; each
+ * whole single-fragment AUTH_NONE call of the connection's program and
+ * version, for a procedure Python marked as servable, is decoded, run and
+ * answered here.  At anything else - another procedure, a mechanism with a
+ * parameter, a byte string over the bound, trailing bytes in a record,
+ * fragments, garbage - it returns, and Python gets that record and every byte
+ * read after it untouched; Python's path produces the answer, including every
+ * error reply.
+ *
+ * While the client keeps several calls in flight, long calls (P11G_FAST_LONG)
+ * run on a pool of threads (pool.c) and the leader goes on reading; a call
+ * waits for the calls in flight on its session (or object or slot handle).
+ * The pool is drained before Python gets the socket back.
  *
  * Python marks a procedure servable only when its answer here is exactly the
  * one its own path would give: the policy has no unit for the function, no
@@ -22,6 +28,7 @@
 #define _GNU_SOURCE
 
 #include "fastpath.h"
+#include "pool.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -302,31 +309,112 @@ static size_t words_reply(CK_RV rv, const uint64_t *w, size_t n)
     return RV_AT + 8 * (n + 1);
 }
 
-/* Decode and run one call, leaving the result after the header in
- * scratch.  Returns the reply length; DECLINE (Python's path takes the
- * call: nothing was run) or NO_MEMORY. */
-#define DECLINE ((size_t)0)
-#define NO_MEMORY ((size_t)1)
-
-static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struct rd *r)
-{
-    void *fp = function_at(st, proc->fn);
-    uint64_t a, b, c = 0;
+/* One call's decoded arguments: pointers into its record, which must outlive
+ * it.  `a` is always the first argument (a session, object or slot handle):
+ * calls with the same `a` keep their order (the pool's key). */
+struct call {
+    const struct p11g_fast_proc *proc;
+    uint32_t xid;
+    uint64_t a, b, c;
     const uint8_t *d1, *d2;
     uint64_t l1, l2;
-    size_t n;
-    switch (proc->shape) {
+    struct plain_template t;
+};
+
+/* Decode the arguments of one call: 0, or -1 to decline (Python's path takes
+ * the call; nothing ran). */
+static int decode(const struct p11g_fast *st, struct rd *r, struct call *c)
+{
+    c->c = 0;
+    if (rd_u64(r, &c->a) != 0)
+        return -1;
+    switch (c->proc->shape) {
     case P11G_SHAPE_HANDLE:
-        if (rd_u64(r, &a) != 0 || r->pos != r->n)
-            return DECLINE;
-        n = words_reply(((fn_handle)fp)(a), NULL, 0);
+    case P11G_SHAPE_SESSION_INFO:
         break;
+    case P11G_SHAPE_OPEN_SESSION:
+    case P11G_SHAPE_RANDOM:
+    case P11G_SHAPE_FIND:
+        if (rd_u64(r, &c->b) != 0)
+            return -1;
+        break;
+    case P11G_SHAPE_DATA_OUT:
+        if (rd_opaque(r, &c->d1, &c->l1) != 0 || (st->version == 4 && rd_u64(r, &c->c) != 0))
+            return -1;
+        break;
+    case P11G_SHAPE_FINAL_OUT:
+        if (st->version == 4 && rd_u64(r, &c->c) != 0)
+            return -1;
+        break;
+    case P11G_SHAPE_DATA_IN:
+        if (rd_opaque(r, &c->d1, &c->l1) != 0)
+            return -1;
+        break;
+    case P11G_SHAPE_DATA2_IN:
+        if (rd_opaque(r, &c->d1, &c->l1) != 0 || rd_opaque(r, &c->d2, &c->l2) != 0)
+            return -1;
+        break;
+    case P11G_SHAPE_MECH:
+    case P11G_SHAPE_MECH_KEY:
+        if (rd_bare_mechanism(r, st->version, st->tag_none, &c->b) != 0)
+            return -1;
+        if (c->proc->shape == P11G_SHAPE_MECH_KEY && rd_u64(r, &c->c) != 0)
+            return -1;
+        break;
+    case P11G_SHAPE_FIND_INIT:
+        if (st->version != 4 || rd_plain_template(r, &c->t) != 0)
+            return -1;
+        break;
+    default:
+        return -1;
+    }
+    return r->pos == r->n ? 0 : -1;
+}
+
+/* Run one decoded call, leaving the result after the header in scratch.
+ * Returns the reply length, or NO_MEMORY. */
+#define NO_MEMORY ((size_t)0)
+
+/* FindObjects: rv, objects (count word + hypers), count. */
+static size_t find_objects(struct p11g_fast *st, void *fp, CK_SESSION_HANDLE s, uint64_t max)
+{
+    if (max > st->max_list)
+        max = st->max_list;
+    CK_OBJECT_HANDLE one = 0, *hs = &one;
+    if (max > 1 && (hs = calloc((size_t)max, sizeof *hs)) == NULL)
+        return NO_MEMORY;
+    CK_ULONG found = 0;
+    CK_RV rv = ((fn_find)fp)(s, hs, max, &found);
+    if (rv == CKR_OK && found > max)
+        rv = CKR_GENERAL_ERROR; /* more than our array */
+    if (rv != CKR_OK)
+        found = 0;
+    size_t n = NO_MEMORY;
+    if (reserve(RV_AT + 8 + 4 + 8 * (size_t)found + 8) == 0) {
+        uint8_t *p = scratch;
+        put64(p + RV_AT, rv);
+        put32(p + RV_AT + 8, (uint32_t)found);
+        size_t pos = RV_AT + 12;
+        for (CK_ULONG i = 0; i < found; i++, pos += 8)
+            put64(p + pos, hs[i]);
+        put64(p + pos, found);
+        n = pos + 8;
+    }
+    if (hs != &one)
+        free(hs);
+    return n;
+}
+
+static size_t execute(struct p11g_fast *st, const struct call *c)
+{
+    void *fp = function_at(st, c->proc->fn);
+    switch (c->proc->shape) {
+    case P11G_SHAPE_HANDLE:
+        return words_reply(((fn_handle)fp)(c->a), NULL, 0);
     case P11G_SHAPE_SESSION_INFO: {
-        if (rd_u64(r, &a) != 0 || r->pos != r->n)
-            return DECLINE;
         CK_SESSION_INFO info;
         memset(&info, 0, sizeof info);
-        CK_RV rv = ((fn_info)fp)(a, &info);
+        CK_RV rv = ((fn_info)fp)(c->a, &info);
         uint64_t w[4] = {0, 0, 0, 0}; /* zeroed unless CKR_OK, as rv_only_result */
         if (rv == CKR_OK) {
             w[0] = info.slotID;
@@ -334,111 +422,48 @@ static size_t run(struct p11g_fast *st, const struct p11g_fast_proc *proc, struc
             w[2] = info.flags;
             w[3] = info.ulDeviceError;
         }
-        n = words_reply(rv, w, 4);
-        break;
+        return words_reply(rv, w, 4);
     }
     case P11G_SHAPE_OPEN_SESSION: {
-        if (rd_u64(r, &a) != 0 || rd_u64(r, &b) != 0 || r->pos != r->n)
-            return DECLINE;
         CK_SESSION_HANDLE h = 0;
-        CK_RV rv = ((fn_open)fp)(a, b, NULL, NULL, &h);
+        CK_RV rv = ((fn_open)fp)(c->a, c->b, NULL, NULL, &h);
         uint64_t w = h;
-        n = words_reply(rv, &w, 1);
-        break;
+        return words_reply(rv, &w, 1);
     }
     case P11G_SHAPE_RANDOM: {
-        if (rd_u64(r, &a) != 0 || rd_u64(r, &b) != 0 || r->pos != r->n)
-            return DECLINE;
-        if (b > st->max_opaque) {
-            n = output_room(0) ? finish_output(CKR_DATA_LEN_RANGE, 0, 0, 0) : 0;
-            break;
-        }
-        uint8_t *out = output_room(b ? b : 1);
+        if (c->b > st->max_opaque)
+            return output_room(0) ? finish_output(CKR_DATA_LEN_RANGE, 0, 0, 0) : NO_MEMORY;
+        uint8_t *out = output_room(c->b ? c->b : 1);
         if (out == NULL)
             return NO_MEMORY;
-        CK_RV rv = ((fn_bytes)fp)(a, out, b);
-        n = finish_output(rv, rv == CKR_OK ? (size_t)b : 0, 0, 0);
-        break;
+        CK_RV rv = ((fn_bytes)fp)(c->a, out, c->b);
+        return finish_output(rv, rv == CKR_OK ? (size_t)c->b : 0, 0, 0);
     }
     case P11G_SHAPE_DATA_OUT:
-        if (rd_u64(r, &a) != 0 || rd_opaque(r, &d1, &l1) != 0 ||
-            (st->version == 4 && rd_u64(r, &c) != 0) || r->pos != r->n)
-            return DECLINE;
-        n = call_output(st, fp, 1, a, d1, l1, c);
-        break;
+        return call_output(st, fp, 1, c->a, c->d1, c->l1, c->c);
     case P11G_SHAPE_FINAL_OUT:
-        if (rd_u64(r, &a) != 0 || (st->version == 4 && rd_u64(r, &c) != 0) || r->pos != r->n)
-            return DECLINE;
-        n = call_output(st, fp, 0, a, NULL, 0, c);
-        break;
+        return call_output(st, fp, 0, c->a, NULL, 0, c->c);
     case P11G_SHAPE_DATA_IN:
-        if (rd_u64(r, &a) != 0 || rd_opaque(r, &d1, &l1) != 0 || r->pos != r->n)
-            return DECLINE;
-        n = words_reply(((fn_bytes)fp)(a, (CK_BYTE *)d1, l1), NULL, 0);
-        break;
+        return words_reply(((fn_bytes)fp)(c->a, (CK_BYTE *)c->d1, c->l1), NULL, 0);
     case P11G_SHAPE_DATA2_IN:
-        if (rd_u64(r, &a) != 0 || rd_opaque(r, &d1, &l1) != 0 ||
-            rd_opaque(r, &d2, &l2) != 0 || r->pos != r->n)
-            return DECLINE;
-        n = words_reply(((fn_data2_in)fp)(a, (CK_BYTE *)d1, l1, (CK_BYTE *)d2, l2), NULL, 0);
-        break;
+        return words_reply(((fn_data2_in)fp)(c->a, (CK_BYTE *)c->d1, c->l1, (CK_BYTE *)c->d2,
+                                              c->l2), NULL, 0);
     case P11G_SHAPE_MECH:
     case P11G_SHAPE_MECH_KEY: {
-        if (rd_u64(r, &a) != 0 || rd_bare_mechanism(r, st->version, st->tag_none, &b) != 0)
-            return DECLINE;
-        if (proc->shape == P11G_SHAPE_MECH_KEY && rd_u64(r, &c) != 0)
-            return DECLINE;
-        if (r->pos != r->n)
-            return DECLINE;
-        CK_MECHANISM m = {b, NULL, 0};
-        CK_RV rv = proc->shape == P11G_SHAPE_MECH ? ((fn_mech)fp)(a, &m)
-                                                  : ((fn_mech_key)fp)(a, &m, c);
-        n = words_reply(rv, NULL, 0);
-        break;
+        CK_MECHANISM m = {c->b, NULL, 0};
+        CK_RV rv = c->proc->shape == P11G_SHAPE_MECH ? ((fn_mech)fp)(c->a, &m)
+                                                     : ((fn_mech_key)fp)(c->a, &m, c->c);
+        return words_reply(rv, NULL, 0);
     }
-    case P11G_SHAPE_FIND: {
-        if (rd_u64(r, &a) != 0 || rd_u64(r, &b) != 0 || r->pos != r->n)
-            return DECLINE;
-        if (b > st->max_list)
-            b = st->max_list;
-        CK_OBJECT_HANDLE one = 0, *hs = &one;
-        if (b > 1 && (hs = calloc((size_t)b, sizeof *hs)) == NULL)
-            return NO_MEMORY;
-        CK_ULONG found = 0;
-        CK_RV rv = ((fn_find)fp)(a, hs, b, &found);
-        if (rv == CKR_OK && found > b)
-            rv = CKR_GENERAL_ERROR; /* more than our array */
-        if (rv != CKR_OK)
-            found = 0;
-        /* rv, objects (count word + hypers), count */
-        n = 0;
-        if (reserve(RV_AT + 8 + 4 + 8 * (size_t)found + 8) == 0) {
-            uint8_t *p = scratch;
-            put64(p + RV_AT, rv);
-            put32(p + RV_AT + 8, (uint32_t)found);
-            size_t pos = RV_AT + 12;
-            for (CK_ULONG i = 0; i < found; i++, pos += 8)
-                put64(p + pos, hs[i]);
-            put64(p + pos, found);
-            n = pos + 8;
-        }
-        if (hs != &one)
-            free(hs);
-        break;
-    }
-    case P11G_SHAPE_FIND_INIT: {
-        struct plain_template t;
-        if (st->version != 4 || rd_u64(r, &a) != 0 || rd_plain_template(r, &t) != 0 ||
-            r->pos != r->n)
-            return DECLINE;
+    case P11G_SHAPE_FIND:
+        return find_objects(st, fp, c->a, c->b);
+    case P11G_SHAPE_FIND_INIT:
         /* An empty template is NULL, 0 (as binding.py passes it). */
-        n = words_reply(((fn_find_init)fp)(a, t.count ? t.attrs : NULL, t.count), NULL, 0);
-        break;
-    }
+        return words_reply(((fn_find_init)fp)(c->a, c->t.count ? (CK_ATTRIBUTE *)c->t.attrs : NULL,
+                                              c->t.count), NULL, 0);
     default:
-        return DECLINE;
+        return NO_MEMORY; /* decode() declined every other shape */
     }
-    return n ? n : NO_MEMORY;
 }
 
 /* ---- the loop ------------------------------------------------------------- */
@@ -486,13 +511,14 @@ static void release_scratch(void)
     }
 }
 
-/* One record of n bytes: served (1, reply sent), declined (0: not a call
- * for here, nothing ran) or an error (< 0: the call may have run).  *overlap
- * (may be NULL) is set when a long call ended with the next one waiting. */
-static long serve_record(struct p11g_fast *st, const uint8_t *buf, size_t n, int *overlap)
+/* The procedure of a record of n bytes that is one whole single-fragment
+ * AUTH_NONE call of the connection's program and version for a procedure
+ * served here; NULL otherwise. */
+static const struct p11g_fast_proc *match_call(const struct p11g_fast *st, const uint8_t *buf,
+                                               size_t n, uint32_t *xid)
 {
     if (n < CALL_HEADER)
-        return 0;
+        return NULL;
     uint32_t w[11];
     for (int i = 0; i < 11; i++)
         w[i] = be32(buf + 4 * i);
@@ -500,64 +526,221 @@ static long serve_record(struct p11g_fast *st, const uint8_t *buf, size_t n, int
     if (w[0] != (LAST_FRAGMENT | (uint32_t)(n - 4)) || w[2] != 0 || w[3] != 2 ||
         w[4] != st->program || w[5] != st->version || w[6] >= P11G_FAST_MAX_PROC ||
         w[7] != 0 || w[8] != 0 || w[9] != 0 || w[10] != 0)
-        return 0;
+        return NULL;
     const struct p11g_fast_proc *proc = &st->procs[w[6]];
     if (proc->shape == P11G_SHAPE_NONE || proc->shape >= P11G_SHAPE_COUNT)
-        return 0;
+        return NULL;
+    *xid = w[1];
+    return proc;
+}
+
+/* Decode the record's arguments into *c: 0, or -1 (declined: Python's). */
+static int decode_record(const struct p11g_fast *st, const uint8_t *buf, size_t n,
+                         struct call *c)
+{
+    c->proc = match_call(st, buf, n, &c->xid);
+    if (c->proc == NULL)
+        return -1;
     struct rd r = {buf + CALL_HEADER, n - CALL_HEADER, 0, st->max_opaque};
-    uint64_t started = (overlap != NULL && (proc->flags & P11G_FAST_LONG)) ? now_ns() : 0;
-    size_t len = run(st, proc, &r);
-    if (len == DECLINE)
-        return 0;
-    if (len == NO_MEMORY)
-        return P11G_FAST_NO_MEMORY; /* the call ran: the connection must end */
+    return decode(st, &r, c);
+}
+
+/* Run a decoded call and send its reply: 1, or < 0 (the call may have run:
+ * the connection must end).  *overlap (NULL: not checked) is set when a long
+ * call ended with the next call waiting. */
+static long answer(struct p11g_fast *st, const struct call *c, int *overlap)
+{
+    uint64_t started = (overlap != NULL && (c->proc->flags & P11G_FAST_LONG)) ? now_ns() : 0;
+    size_t len = execute(st, c);
+    if (len == NO_MEMORY) {
+        release_scratch();
+        return P11G_FAST_NO_MEMORY;
+    }
     uint8_t *p = scratch;
     put32(p, LAST_FRAGMENT | (uint32_t)(len - 4));
-    put32(p + 4, w[1]); /* xid */
-    put32(p + 8, 1);    /* REPLY */
-    put32(p + 12, 0);   /* MSG_ACCEPTED */
-    put32(p + 16, 0);   /* verifier AUTH_NONE */
-    put32(p + 20, 0);   /* verifier length */
-    put32(p + 24, 0);   /* SUCCESS */
+    put32(p + 4, c->xid);
+    put32(p + 8, 1);  /* REPLY */
+    put32(p + 12, 0); /* MSG_ACCEPTED */
+    put32(p + 16, 0); /* verifier AUTH_NONE */
+    put32(p + 20, 0); /* verifier length */
+    put32(p + 24, 0); /* SUCCESS */
     if (started && now_ns() - started >= st->long_call_ns && input_pending(st->fd))
         *overlap = 1;
     int err = send_all(st->fd, p, len);
     __atomic_add_fetch(&st->calls, 1, __ATOMIC_RELAXED);
     release_scratch();
     if (err != 0) {
-        st->error = err;
+        __atomic_store_n(&st->error, err, __ATOMIC_RELAXED);
         return P11G_FAST_SOCKET_ERROR;
     }
     return 1;
 }
 
+/* ---- long calls on C threads ---------------------------------------------- */
+
+/* A call handed to a pool thread, with its own copy of the record. */
+struct job {
+    struct p11g_fast *st;
+    struct call call;
+    uint8_t record[];
+};
+
+static void run_job(void *arg)
+{
+    struct job *job = arg;
+    long r = answer(job->st, &job->call, NULL);
+    if (r < 0) {
+        int32_t none = 0;
+        __atomic_compare_exchange_n(&job->st->failed, &none, (int32_t)r, 0, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED);
+    }
+    __atomic_add_fetch(&job->st->pooled, 1, __ATOMIC_RELAXED);
+    free(job);
+}
+
+/* The client keeps several calls in flight: for a while, long calls run on
+ * pool threads.  (Only the leader reads or writes concurrent_until_ns.) */
+static void note_overlap(struct p11g_fast *st)
+{
+    if (st->max_threads > 1)
+        st->concurrent_until_ns = now_ns() + st->memory_ns;
+}
+
+static struct p11g_pool *pool_of(struct p11g_fast *st)
+{
+    if (st->pool == NULL && st->max_threads > 1)
+        st->pool = p11g_pool_new(st->max_threads - 1);
+    return st->pool;
+}
+
+/* Hand a long call to a pool thread: 1 handed over (or run here when no
+ * thread could start), 0 declined, NOT_HANDED_OVER (out of memory: run it
+ * here), < 0 another error. */
+#define NOT_HANDED_OVER (-100)
+
+static long hand_over(struct p11g_fast *st, struct p11g_pool *pool, const uint8_t *buf,
+                      size_t n)
+{
+    struct job *job = malloc(sizeof *job + n);
+    if (job == NULL)
+        return NOT_HANDED_OVER;
+    memcpy(job->record, buf, n);
+    job->st = st;
+    if (decode_record(st, job->record, n, &job->call) != 0) {
+        free(job);
+        return 0;
+    }
+    if (p11g_pool_submit(pool, job->call.a, run_job, job) != 0) {
+        long r = answer(st, &job->call, NULL);
+        free(job);
+        return r;
+    }
+    return 1;
+}
+
+/* One whole record on the leader: 1 answered (or handed to a pool thread),
+ * 0 declined (nothing ran: Python's), < 0 an error. */
+static long lead_record(struct p11g_fast *st, const uint8_t *buf, size_t n)
+{
+    struct p11g_pool *pool = st->pool;
+    if (pool != NULL && p11g_pool_in_flight(pool) > 0)
+        note_overlap(st); /* a call arrived while another one runs */
+    struct call c;
+    uint32_t xid;
+    const struct p11g_fast_proc *proc = match_call(st, buf, n, &xid);
+    if (proc == NULL)
+        return 0;
+    if ((proc->flags & P11G_FAST_LONG) && st->max_threads > 1 &&
+        now_ns() < st->concurrent_until_ns && (pool = pool_of(st)) != NULL) {
+        long r = hand_over(st, pool, buf, n);
+        if (r != NOT_HANDED_OVER)
+            return r;
+    }
+    if (decode_record(st, buf, n, &c) != 0)
+        return 0;
+    if (pool != NULL)
+        p11g_pool_wait_key(pool, c.a); /* calls on one session keep their order */
+    int overlap = 0;
+    long r = answer(st, &c, &overlap);
+    if (overlap)
+        note_overlap(st);
+    return r;
+}
+
+/* ---- entry points ------------------------------------------------------------ */
+
 long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap)
 {
+    size_t start = 0, have = 0; /* bytes read and not served: buf[start, start + have) */
+    long result = 0;
+    int to_python = 0;
     for (;;) {
-        ssize_t got = recv(st->fd, buf, cap, 0);
-        if (got == 0)
-            return P11G_FAST_EOF;
-        if (got < 0) {
-            if (errno == EINTR)
-                return P11G_FAST_INTERRUPTED;
-            st->error = errno;
-            return P11G_FAST_SOCKET_ERROR;
+        if (have >= 4) {
+            uint32_t mark = be32(buf + start);
+            size_t len = (size_t)(mark & ~LAST_FRAGMENT) + 4;
+            if (!(mark & LAST_FRAGMENT) || len > cap) {
+                to_python = 1; /* fragments, or too long for the buffer */
+                break;
+            }
+            if (have >= len) {
+                long r = lead_record(st, buf + start, len);
+                if (r <= 0) {
+                    to_python = r == 0;
+                    result = r;
+                    break;
+                }
+                start += len;
+                have -= len;
+                if (have > 0)
+                    note_overlap(st); /* the next call came with this one */
+                int32_t failed = __atomic_load_n(&st->failed, __ATOMIC_RELAXED);
+                if (failed != 0) {
+                    result = failed;
+                    break;
+                }
+                continue;
+            }
         }
-        int overlap = 0;
-        long r = serve_record(st, buf, (size_t)got, &overlap);
-        if (r == 0)
-            return got;
-        if (r < 0)
-            return r;
-        if (overlap)
-            return P11G_FAST_OVERLAP;
+        if (start > 0) {
+            memmove(buf, buf + start, have);
+            start = 0;
+        }
+        ssize_t got = recv(st->fd, buf + have, cap - have, 0);
+        if (got == 0) {
+            result = P11G_FAST_EOF;
+            break;
+        }
+        if (got < 0) {
+            if (errno == EINTR) {
+                result = P11G_FAST_INTERRUPTED;
+            } else {
+                st->error = errno;
+                result = P11G_FAST_SOCKET_ERROR;
+            }
+            break;
+        }
+        have += (size_t)got;
     }
+    /* Python takes over: nothing may run in C behind its back. */
+    if (st->pool != NULL)
+        p11g_pool_drain(st->pool);
+    int32_t failed = __atomic_exchange_n(&st->failed, 0, __ATOMIC_RELAXED);
+    if (failed != 0 && result >= 0)
+        return failed;
+    if ((to_python || result == P11G_FAST_EOF || result == P11G_FAST_INTERRUPTED) && have > 0) {
+        memmove(buf, buf + start, have); /* Python reads what came, from the start */
+        return (long)have;
+    }
+    return result;
 }
 
 long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n)
 {
+    struct call c;
+    if (decode_record(st, record, n, &c) != 0)
+        return 0;
     int overlap = 0;
-    long r = serve_record(st, record, n, &overlap);
+    long r = answer(st, &c, &overlap);
     return r == 1 && overlap ? 2 : r;
 }
 
@@ -565,6 +748,12 @@ long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n)
 {
     int err = send_all(st->fd, data, n);
     return err ? -(long)err : 0;
+}
+
+void p11g_fast_close(struct p11g_fast *st)
+{
+    p11g_pool_free(st->pool);
+    st->pool = NULL;
 }
 
 size_t p11g_fast_struct_size(void)

@@ -54,22 +54,30 @@ struct p11g_fast {
     uint64_t max_list;     /* bound of FindObjects' max_count */
     uint64_t output_slack; /* first output buffer: input length + this */
     uint64_t long_call_ns; /* a P11G_FAST_LONG call this long triggers the overlap check */
+    uint64_t memory_ns;    /* how long an overlap keeps long calls on pool threads */
+    uint32_t max_threads;  /* threads per connection: the leader and max_threads - 1 in the pool */
+    uint32_t reserved;
     struct p11g_fast_proc procs[P11G_FAST_MAX_PROC];
     /* set by C */
     uint64_t calls;        /* calls answered here (cumulative) */
+    uint64_t pooled;       /* of them, run on pool threads */
+    uint64_t concurrent_until_ns; /* CLOCK_MONOTONIC: until then long calls go to the pool */
+    void *pool;            /* struct p11g_pool *, started on the first overlap */
     int32_t error;         /* errno of the socket error behind P11G_FAST_SOCKET_ERROR */
-    int32_t reserved;
+    int32_t failed;        /* a pool thread's error (< 0), for the leader */
 };
 
 /* p11g_fast_serve() results (> 0: that many bytes in buf for Python) */
 #define P11G_FAST_EOF 0
 #define P11G_FAST_SOCKET_ERROR (-1)
-#define P11G_FAST_OVERLAP (-2)     /* the client overlapped a long call: let Python decide */
 #define P11G_FAST_INTERRUPTED (-3) /* a signal: Python runs its handlers, then calls again */
 #define P11G_FAST_NO_MEMORY (-4)
 
 /* Read and serve calls until one needs Python (only while no other thread of
- * the worker runs a call). */
+ * the worker runs a call).  While the client keeps several calls in flight,
+ * long calls run on a pool of C threads (pool.h); they have all ended when
+ * this returns.  > 0: that many bytes at the start of buf are Python's (the
+ * first call is there). */
 long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap);
 /* Serve one whole framed record already read: 1 served (reply sent), 2 served
  * and the next call was waiting when this long one ended, 0 not for here
@@ -79,6 +87,8 @@ long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n);
 /* Send bytes under the lock the replies of p11g_fast_* go out under:
  * 0, or -errno. */
 long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n);
+/* Stop the pool's threads (the connection is over). */
+void p11g_fast_close(struct p11g_fast *st);
 size_t p11g_fast_struct_size(void);
 
 #endif

@@ -165,16 +165,18 @@ def session(c: WireClient, alias: bytes) -> int:
     return int(handle)
 
 
-def worker_of(server: Server) -> int:
-    """The worker of the newest connection: the pid in its audit line (a new child
-    of the listener may also be the next pre-forked spare worker)."""
+def worker_of(server: Server, client: WireClient) -> int:
+    """The worker serving ``client``: the pid in the audit line naming the client's
+    address (the start-up probe's worker logs its own line, in either order)."""
+    host, port = client.sock.getsockname()[:2]
+    peer = f"{host}:{port}"
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        connected = [e for e in audit_events(server) if e.get("event") == "connected"]
-        if connected and int(str(connected[-1]["pid"])) in children(server.proc.pid):
-            return int(str(connected[-1]["pid"]))
+        for event in audit_events(server):
+            if event.get("event") == "connected" and event.get("peer") == peer:
+                return int(str(event["pid"]))
         time.sleep(0.05)
-    raise AssertionError("no worker process appeared")
+    raise AssertionError(f"no audit line for the connection from {peer}")
 
 
 def test_workers_run_unprivileged_and_hardened(world_dir: Path, nobody_token: Token) -> None:
@@ -192,7 +194,8 @@ def test_workers_run_unprivileged_and_hardened(world_dir: Path, nobody_token: To
             assert c.rv("Login", handle, 1, b"1234") == CKR_OK  # the token is nobody's
             rv, data = c.call("GenerateRandom", handle, 16)
             assert rv == CKR_OK and len(data) == 16
-            pid = worker_of(server)
+            pid = worker_of(server, c)
+            assert pid in children(server.proc.pid)
             st = status(pid)
             assert st["Uid"].split() == [str(NOBODY)] * 4
             assert st["Gid"].split() == [str(NOGROUP)] * 4

@@ -4,6 +4,7 @@ two servers on one SoftHSM2 token, one with the fast path and one without
 (P11GUARD_FASTPATH=off), in both protocol versions, and the answers must be equal.
 
 A variant runs the fast-path server with the AddressSanitizer build of the library.
+The pipeline script also drives C's threads for long calls (native/server/pool.c).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from p11guard.client import WireClient
 from p11guard.pkcs11 import constants as c
 from p11guard.server import fastpath
 from p11guard.wire import rpc
+from p11guard.wire.codec import CODECS_BY_VERSION
 from p11guard.wire.mechanisms import NO_PARAM, param
 from p11guard.wire.procedures import NAMES_BY_VERSION, OUT_LEN_NULL, PROGRAM
 from p11guard.wire.templates import ValueKind
@@ -223,8 +226,61 @@ def hostile_script(p: Peer) -> list[Any]:
     return results
 
 
+def pipeline_script(p: Peer) -> list[Any]:
+    """Bursts of calls in one send, as a multi-threaded client pipelines them: long
+    calls on several sessions (C runs them on its threads), calls on one session in
+    order, a call for Python's path in the middle, a record split across sends.
+    Replies may come in any order: they are compared by XID."""
+    sessions = [p.session] + [p.c.call("OpenSession", p.slot, c.CKF_SERIAL_SESSION)[1]
+                              for _ in range(2)]
+    key = p.aes_key()
+    xids = iter(range(5000, 6000))
+
+    def record(name: str, *args: Any) -> bytes:
+        proc = NAMES_BY_VERSION[p.version][name]
+        body = CODECS_BY_VERSION[p.version][proc.number].args.encode(args)
+        return rpc.frame(rpc.call(next(xids), PROGRAM, p.version, proc.number, body))
+
+    def burst(records: list[bytes], split: int | None = None) -> list[Any]:
+        data = b"".join(records)
+        if split is None:
+            p.c.send_raw(data)
+        else:  # the last record arrives in two pieces
+            p.c.send_raw(data[:split])
+            time.sleep(0.05)
+            p.c.send_raw(data[split:])
+        replies = [p.c.recv_record() for _ in records]
+        return sorted(replies)  # by XID (the first 4 bytes)
+
+    data = bytes(range(48))
+    per_session = [
+        [record("DigestInit", s, p.mech(CKM_SHA256)), record("Digest", s, data, *p.out(64)),
+         record("EncryptInit", s, p.mech(CKM_AES_ECB), key),
+         record("Encrypt", s, data, *p.out(64)),
+         record("SignInit", s, p.mech(CKM_AES_CMAC), key), record("Sign", s, data, *p.out(64))]
+        for s in sessions
+    ]
+    interleaved = [r for row in zip(*per_session, strict=True) for r in row]
+    results: list[Any] = [("interleaved", burst(interleaved))]
+    # A call only Python serves (GetTokenInfo) between long calls: C hands it and
+    # everything read after it to Python, after its own threads finished.
+    mixed = [record("DigestInit", s, p.mech(CKM_SHA256)) for s in sessions]
+    mixed += [record("Digest", sessions[0], data, *p.out(64)),
+              record("GetTokenInfo", p.slot),
+              record("Digest", sessions[1], data, *p.out(64)),
+              record("GetSessionInfo", sessions[2]),
+              record("Digest", sessions[2], data, *p.out(64))]
+    results.append(("mixed", burst(mixed)))
+    split = [record("DigestInit", s, p.mech(CKM_SHA256)) for s in sessions]
+    split += [record("Digest", s, data, *p.out(64)) for s in sessions]
+    results.append(("split", burst(split, split=len(b"".join(split)) - 10)))
+    results.append(("after", p.c.call("GetSessionInfo", p.session)))
+    return results
+
+
 SCRIPTS: dict[str, Script] = {"crypto": crypto_script, "sessions": session_script,
-                              "hostile": hostile_script, "find": find_script}
+                              "hostile": hostile_script, "find": find_script,
+                              "pipeline": pipeline_script}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -261,6 +317,17 @@ def test_fast_path_serves_the_calls(servers: tuple[Server, Server]) -> None:
     assert served and int(served[-1][1]) >= 50, fast.log_text()[-2000:]
 
 
+def test_pipelined_long_calls_run_on_c_threads(servers: tuple[Server, Server]) -> None:
+    """Calls that arrive together make C run the long ones on its own threads."""
+    fast = servers[0]
+    peer = Peer(fast.address, 4)
+    pipeline_script(peer)
+    peer.c.close()
+    fast.stop()
+    pooled = re.findall(r"by the C fast path \((\d+) on its threads\)", fast.log_text())
+    assert pooled and int(pooled[-1]) > 0, fast.log_text()[-2000:]
+
+
 def test_policy_units_keep_their_functions_in_python(token: Token, tmp_path: Path) -> None:
     """A function a policy unit acts on is never served in C: forbidden_mechanisms
     refuses CKM_SHA256 even though DigestInit has a fast-path shape."""
@@ -295,7 +362,7 @@ def test_fast_path_under_asan(token: Token, tmp_path: Path) -> None:
                    LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0")
     try:
         for version in (3, 4):
-            for script in (hostile_script, crypto_script):
+            for script in (hostile_script, crypto_script, pipeline_script):
                 peer = Peer(server.address, version)
                 script(peer)
                 peer.c.close()

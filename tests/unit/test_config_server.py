@@ -38,6 +38,18 @@ def test_interop_sample_tcp() -> None:
     assert "pkcs11proxyd-tcp.conf:3: netplex.controller.max_level: not applicable" in notices
 
 
+@pytest.mark.parametrize(("capacity", "spares", "notice"),
+                         [(None, 1, False), (0, 0, False), (3, 3, False), (500, 64, True)])
+def test_min_free_jobs_capacity_is_spare_workers(tmp_path: Path, capacity: int | None,
+                                                 spares: int, notice: bool) -> None:
+    """Netplex's idle job slots kept ready are p11guard's pre-forked spare workers."""
+    service = ("" if capacity is None
+               else f"workload_manager {{ min_free_jobs_capacity = {capacity}; }};")
+    cfg = parse_server_config(netplex(tmp_path, service=service), str(tmp_path / "p.conf"))
+    assert cfg.spare_workers == spares
+    assert any("using 64" in n for n in cfg.notices) == notice
+
+
 def test_interop_sample_unix() -> None:
     cfg = load_server_config(DATA / "pkcs11proxyd-unix.conf")
     assert cfg.listeners == (Listener("unix", path=str(DATA / "p11.sock"), mode=0o660),)
@@ -106,6 +118,8 @@ def netplex(tmp_path: Path, processor: str = "", service: str = "", top: str = "
          "expected true or false"),
         ({"service": "workload_manager { max_threads = 0; };"}, 5,
          "netplex.service.workload_manager.max_threads", "at least 1"),
+        ({"service": "workload_manager { min_free_jobs_capacity = -1; };"}, 5,
+         "netplex.service.workload_manager.min_free_jobs_capacity", "0 or more"),
         ({"processor": "use_ssl = true; tls { x509 { trust { crt_file = \"ca\"; }; }; };"}, 4,
          "netplex.service.processor.tls", "tls needs x509"),
         ({"top": "service { };"}, 7, None, "exactly one service"),

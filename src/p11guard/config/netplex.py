@@ -18,6 +18,8 @@ from typing import cast
 
 from p11guard.config.model import (
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_SPARE_WORKERS,
+    MAX_SPARE_WORKERS,
     Listener,
     LogTarget,
     PeerAuth,
@@ -299,6 +301,19 @@ def load_netplex_config(path: str | Path, *, mode: Mode = "strict") -> ServerCon
     return netplex_to_config(decode_source(data), file, mode=mode)
 
 
+def _spare_workers(rd: _Reader, node: Node) -> int:
+    """Netplex's idle job slots kept ready: with one connection per process, the
+    same thing as p11guard's pre-forked spare workers."""
+    count = rd.integer(node)
+    if count < 0:
+        raise rd.fail(node, "min_free_jobs_capacity must be 0 or more")
+    if count > MAX_SPARE_WORKERS:
+        rd.notice(node, f"{count} spare workers is more than p11guard keeps: "
+                  f"using {MAX_SPARE_WORKERS}")
+        return MAX_SPARE_WORKERS
+    return count
+
+
 def netplex_to_config(text: str, file: str, *, mode: Mode = "strict") -> ServerConfig:
     """Interpret Netplex ``text`` (``file`` is used for messages and relative paths)."""
     base = os.path.dirname(os.path.abspath(file))
@@ -333,6 +348,7 @@ def netplex_to_config(text: str, file: str, *, mode: Mode = "strict") -> ServerC
     listeners: list[Listener] = []
     processor: Node | None = None
     max_connections = DEFAULT_MAX_CONNECTIONS
+    spare_workers = DEFAULT_SPARE_WORKERS
     for sec in ssections:
         if sec.name == "protocol":
             listeners.extend(_protocol(rd, sec, base))
@@ -342,14 +358,16 @@ def netplex_to_config(text: str, file: str, *, mode: Mode = "strict") -> ServerC
             processor = sec
         else:
             wparams, _ = rd.split(
-                sec, {"max_threads"}, set(),
-                {"type", "max_jobs_per_thread", "min_free_jobs_capacity",
-                 "max_free_jobs_capacity", "recommended_jobs_per_thread", "greedy_accepts",
-                 "inactivity_timeout", "jobs"})
+                sec, {"max_threads", "min_free_jobs_capacity"}, set(),
+                {"type", "max_jobs_per_thread", "max_free_jobs_capacity",
+                 "recommended_jobs_per_thread", "greedy_accepts", "inactivity_timeout",
+                 "jobs"})
             if "max_threads" in wparams:
                 max_connections = rd.integer(wparams["max_threads"])
                 if max_connections < 1:
                     raise rd.fail(wparams["max_threads"], "max_threads must be at least 1")
+            if "min_free_jobs_capacity" in wparams:
+                spare_workers = _spare_workers(rd, wparams["min_free_jobs_capacity"])
     if not listeners:
         raise rd.fail(service, "the service has no protocol { address { ... } } section")
     if processor is None:
@@ -386,6 +404,7 @@ def netplex_to_config(text: str, file: str, *, mode: Mode = "strict") -> ServerC
         listeners=tuple(listeners),
         policy=result.policy,
         max_connections=max_connections,
+        spare_workers=spare_workers,
         user=user,
         group=group,
         tls=tls,

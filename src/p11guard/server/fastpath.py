@@ -16,9 +16,14 @@ whose answer would be exactly the Python path's:
   every call).
 
 Everything else (other procedures, mechanisms with a parameter, oversized or
-malformed arguments, several records in one read, TLS) is returned to Python
-untouched.  ``P11GUARD_FASTPATH=off`` disables it; ``P11GUARD_FASTPATH_LIB``
-names the library (default: the repository's ``native/server/build``).
+malformed arguments, fragments, TLS) is returned to Python untouched, with the
+bytes read after it.  While the client keeps several calls in flight (a
+multi-threaded application on a pipelining client), C runs long calls on its
+own threads (``native/server/pool.c``, at most ``max_threads - 1`` of them) and
+goes on reading; calls on one session keep their order, and those threads have
+finished before Python gets the socket back.  ``P11GUARD_FASTPATH=off``
+disables it; ``P11GUARD_FASTPATH_LIB`` names the library (default: the
+repository's ``native/server/build``).
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ struct p11g_fast_proc { uint8_t shape; uint8_t flags; uint16_t fn; };
 struct p11g_fast {
     int32_t fd; uint32_t program; uint32_t version; uint32_t tag_none;
     uint64_t functions; uint64_t max_opaque; uint64_t max_list; uint64_t output_slack;
-    uint64_t long_call_ns;
+    uint64_t long_call_ns; uint64_t memory_ns; uint32_t max_threads; uint32_t reserved;
     struct p11g_fast_proc procs[128];
-    uint64_t calls; int32_t error; int32_t reserved;
+    uint64_t calls; uint64_t pooled; uint64_t concurrent_until_ns; void *pool;
+    int32_t error; int32_t failed;
 };
 long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap);
 long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n);
 long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n);
+void p11g_fast_close(struct p11g_fast *st);
 size_t p11g_fast_struct_size(void);
 """
 MAX_PROC: Final = 128
@@ -57,7 +64,6 @@ FLAG_LONG: Final = 1
 # p11g_fast_serve() results other than "n bytes for Python" (n > 0).
 EOF_: Final = 0
 SOCKET_ERROR: Final = -1
-OVERLAP: Final = -2
 INTERRUPTED: Final = -3
 NO_MEMORY: Final = -4
 
@@ -164,8 +170,8 @@ class FastPath:
         """The key of the plan the state holds (None: not configured yet)."""
         return self._plan_key
 
-    def configure(self, version: int, plan: Plan, limits: Limits, *,
-                  long_call: float, key: object) -> None:
+    def configure(self, version: int, plan: Plan, limits: Limits, *, long_call: float,
+                  memory: float, max_threads: int, key: object) -> None:
         """Fill the state for ``plan`` (skipped when ``key`` did not change).
 
         Only while no call runs in C on another thread (the worker's leader,
@@ -181,6 +187,8 @@ class FastPath:
         st.max_list = plan.max_list
         st.output_slack = plan.output_slack
         st.long_call_ns = int(long_call * 1e9)
+        st.memory_ns = int(memory * 1e9)
+        st.max_threads = max(1, max_threads)
         for number in range(MAX_PROC):
             shape, flags, offset = plan.procs.get(number, (0, 0, 0))
             st.procs[number].shape = shape
@@ -198,6 +206,10 @@ class FastPath:
         """Serve calls in C until one needs Python (see the module constants)."""
         result: int = self._lib.p11g_fast_serve(self._state, self._buf, self._cap)
         return result
+
+    def close(self) -> None:
+        """Stop the C threads of long calls (the connection is over)."""
+        self._lib.p11g_fast_close(self._state)
 
     def call(self, record: bytes) -> int:
         """Serve one whole framed record (any thread): 1 served and answered (2: and
@@ -217,6 +229,11 @@ class FastPath:
     def served_calls(self) -> int:
         """Calls answered in C so far."""
         return int(self._state.calls)
+
+    @property
+    def pooled_calls(self) -> int:
+        """Of them, calls run on the C threads of long calls."""
+        return int(self._state.pooled)
 
     @property
     def error(self) -> int:

@@ -18,7 +18,12 @@ sends the reply without taking any lock.  A call that should run on its own
 thread, and everything unusual (several records in one read, fragments,
 protocol errors, TLS), goes through :class:`~p11guard.wire.rpc.RecordReader`.
 
-When to run a long call on its own thread: only while the client has shown
+The C fast path (:mod:`p11guard.server.fastpath`) goes further while nothing else
+runs: it reads the socket itself, answers the simple calls in C and, while the
+client overlaps calls, runs long ones on C threads of its own (with the same
+per-session order); it returns here at the first call only Python serves.
+
+When to run a long call on its own (Python) thread: only while the client has shown
 recently (:data:`CONCURRENCY_MEMORY`) that it keeps several calls in flight:
 a call arrived while another one was running, or data was waiting when a long
 call finished.  A single-threaded client never pays a thread hand-over.
@@ -166,9 +171,12 @@ class Connection:
         finally:
             for t in list(self._threads):
                 t.join()
-            log.debug("%d calls answered, %d of them by the C fast path, %d on their own "
-                      "thread", self.calls, self._fast.served_calls if self._fast else 0,
-                      self._handed_off)
+            fast = self._fast
+            if fast is not None:
+                fast.close()
+            log.debug("%d calls answered, %d of them by the C fast path (%d on its threads), "
+                      "%d on Python threads", self.calls, fast.served_calls if fast else 0,
+                      fast.pooled_calls if fast else 0, self._handed_off)
 
     def shutdown(self) -> None:
         """Make the loop end soon (SIGTERM): the leader's recv returns EOF."""
@@ -240,9 +248,6 @@ class Connection:
                     # In C until a call needs Python: then its bytes are in rbuf.
                     n = self._fast.serve()
                     if n <= 0:
-                        if n == fastpath.OVERLAP:
-                            self._concurrent_until = time.monotonic() + CONCURRENCY_MEMORY
-                            continue
                         if n == fastpath.INTERRUPTED:
                             continue  # a signal: its handler has run; check _closed
                         if n != fastpath.EOF_ and not self._closed:
@@ -312,14 +317,13 @@ class Connection:
         """May the C fast path take the socket now?  (Configures it when the
         dispatcher's plan changed: module loaded, initialised, finalised.)"""
         assert self._fast is not None
-        if time.monotonic() < self._concurrent_until:
-            return False  # long calls are being handed to threads: Python decides
         found = self._current_plan()
         if found is None:
             return False
         key, plan = found
         self._fast.configure(self.version or VERSION_CAMLCRUSH, plan, self.settings.limits,
-                             long_call=LONG_CALL, key=key)
+                             long_call=LONG_CALL, memory=CONCURRENCY_MEMORY,
+                             max_threads=self.settings.max_threads, key=key)
         return True
 
     def _current_plan(self) -> tuple[object, fastpath.Plan] | None:
