@@ -3,8 +3,9 @@ exactly like the Python path: the same call script, valid and hostile, runs agai
 two servers on one SoftHSM2 token, one with the fast path and one without
 (P11GUARD_FASTPATH=off), in both protocol versions, and the answers must be equal.
 
-A variant runs the fast-path server with the AddressSanitizer build of the library.
-The pipeline script also drives C's threads for long calls (native/server/pool.c).
+Variants run the fast-path server with the AddressSanitizer and ThreadSanitizer builds
+of the library; the pipeline script drives C's threads for long calls
+(native/server/pool.c).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ MAX_OPAQUE = 16 * 1024 * 1024  # the servers' default max_record_size
 U, B = ValueKind.ULONG, ValueKind.BYTES
 TRUE, FALSE = b"\x01", b"\x00"
 SERVER_LIB = REPO / "native" / "server" / "build" / "libp11guard-fast.so"
-ASAN_LIB = REPO / "native" / "server" / "build" / "asan" / "libp11guard-fast.so"
 
 Script = Callable[["Peer"], list[Any]]
 
@@ -352,20 +352,36 @@ def test_plan_lists_only_unfiltered_functions() -> None:
     assert plan.procs[43][1] == fastpath.FLAG_LONG
 
 
+SANITIZERS = {
+    # sanitizer: (runtime library, its options, scripts, rounds)
+    "asan": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"},
+             (hostile_script, crypto_script, pipeline_script), 1),
+    # The pool's threads (pipelined long calls), several times over.
+    "tsan": ("libtsan.so", {"TSAN_OPTIONS": "halt_on_error=0:report_signal_unsafe=0"},
+             (pipeline_script,), 3),
+}
+
+
 @pytest.mark.skipif(not os.path.exists("/usr/bin/gcc"), reason="needs gcc")
-def test_fast_path_under_asan(token: Token, tmp_path: Path) -> None:
-    """The hostile and crypto scripts against the AddressSanitizer build."""
-    subprocess.run(["make", "-s", "-C", str(REPO / "native" / "server"), "asan"], check=True)
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+@pytest.mark.parametrize("sanitizer", sorted(SANITIZERS))
+def test_fast_path_under_sanitizer(token: Token, tmp_path: Path, sanitizer: str) -> None:
+    """Call scripts against the AddressSanitizer and ThreadSanitizer builds."""
+    runtime, options, scripts, rounds = SANITIZERS[sanitizer]
+    subprocess.run(["make", "-s", "-C", str(REPO / "native" / "server"), sanitizer], check=True)
+    preload = subprocess.run(["gcc", f"-print-file-name={runtime}"], capture_output=True,
                              text=True, check=True).stdout.strip()
-    server = start(token, tmp_path / "asan", P11GUARD_FASTPATH_LIB=str(ASAN_LIB),
-                   LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0")
+    library = REPO / "native" / "server" / "build" / sanitizer / "libp11guard-fast.so"
+    server = start(token, tmp_path / sanitizer, P11GUARD_FASTPATH_LIB=str(library),
+                   LD_PRELOAD=preload, **options)
     try:
         for version in (3, 4):
-            for script in (hostile_script, crypto_script, pipeline_script):
-                peer = Peer(server.address, version)
-                script(peer)
-                peer.c.close()
+            for script in scripts:
+                for _ in range(rounds):
+                    peer = Peer(server.address, version)
+                    script(peer)
+                    peer.c.close()
     finally:
         server.stop()
-    assert "AddressSanitizer" not in server.log_text()
+    log = server.log_text()
+    assert "Sanitizer" not in log, log[-4000:]
+    assert "C fast path unavailable" not in log
