@@ -3,7 +3,9 @@
  * Calls are pipelined: a thread registers its XID, sends its whole record under
  * the write lock, then waits.  Whichever waiting thread finds no reader active
  * becomes the reader (leader/follower): it reads one complete record, hands it
- * to the thread whose XID it carries and wakes everybody.  So no lock is held
+ * to the thread whose XID it carries and wakes that thread alone (each caller
+ * waits on its own condition); when its own reply comes, it wakes one caller
+ * still waiting to read in its place.  So no lock is held
  * for a whole round trip, and replies may arrive in any order.  A server that
  * answers one call at a time (Caml Crush) simply queues the records.
  *
@@ -42,6 +44,7 @@ struct pending {
     int done;
     uint8_t *reply;
     size_t len;
+    pthread_cond_t cond; /* this caller's: its reply came, or it may read now */
     struct pending *next;
 };
 
@@ -56,7 +59,7 @@ struct p11g_conn {
     pthread_mutex_t serial_lock; /* held for a whole call in serial mode only */
     pthread_mutex_t wlock;       /* one record written at a time */
     pthread_mutex_t lock;        /* everything below */
-    pthread_cond_t cond;
+    pthread_condattr_t cond_attr; /* CLOCK_MONOTONIC, for the callers' conditions */
     int dead;
     int reader_active;
     struct pending *pending;
@@ -320,7 +323,19 @@ static void kill_locked(struct p11g_conn *c)
          * the last reference is dropped, so it cannot be reused under us. */
         shutdown(c->fd, SHUT_RDWR);
     }
-    pthread_cond_broadcast(&c->cond);
+    for (struct pending *q = c->pending; q != NULL; q = q->next)
+        pthread_cond_signal(&q->cond);
+}
+
+/* The reader leaves: wake one caller still waiting, to read in its place. */
+static void pass_reading_on(struct p11g_conn *c)
+{
+    for (struct pending *q = c->pending; q != NULL; q = q->next) {
+        if (!q->done) {
+            pthread_cond_signal(&q->cond);
+            return;
+        }
+    }
 }
 
 int p11g_conn_call(struct p11g_conn *c, uint8_t *msg, size_t len, uint8_t **reply,
@@ -343,6 +358,7 @@ int p11g_conn_call(struct p11g_conn *c, uint8_t *msg, size_t len, uint8_t **repl
             pthread_mutex_unlock(&c->serial_lock);
         return P11G_E_DEAD;
     }
+    pthread_cond_init(&me.cond, &c->cond_attr);
     me.xid = c->next_xid++;
     me.next = c->pending;
     c->pending = &me; /* registered before sending: the reply may come at once */
@@ -392,9 +408,12 @@ int p11g_conn_call(struct p11g_conn *c, uint8_t *msg, size_t len, uint8_t **repl
             q->reply = buf;
             q->len = blen;
             q->done = 1;
-            pthread_cond_broadcast(&c->cond);
+            if (q != &me)
+                pthread_cond_signal(&q->cond);
+            else
+                pass_reading_on(c);
         } else {
-            int rc = pthread_cond_timedwait(&c->cond, &c->lock, &deadline);
+            int rc = pthread_cond_timedwait(&me.cond, &c->lock, &deadline);
             if (rc == ETIMEDOUT && !me.done) {
                 err = P11G_E_TIMEOUT;
                 kill_locked(c);
@@ -410,6 +429,7 @@ int p11g_conn_call(struct p11g_conn *c, uint8_t *msg, size_t len, uint8_t **repl
         }
     }
     pthread_mutex_unlock(&c->lock);
+    pthread_cond_destroy(&me.cond);
     if (c->serial)
         pthread_mutex_unlock(&c->serial_lock);
 
@@ -458,7 +478,7 @@ void p11g_conn_unref(struct p11g_conn *c)
     pthread_mutex_destroy(&c->serial_lock);
     pthread_mutex_destroy(&c->wlock);
     pthread_mutex_destroy(&c->lock);
-    pthread_cond_destroy(&c->cond);
+    pthread_condattr_destroy(&c->cond_attr);
     free(c);
 }
 
@@ -610,11 +630,8 @@ int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *
     pthread_mutex_init(&c->serial_lock, NULL);
     pthread_mutex_init(&c->wlock, NULL);
     pthread_mutex_init(&c->lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&c->cond, &ca);
-    pthread_condattr_destroy(&ca);
+    pthread_condattr_init(&c->cond_attr);
+    pthread_condattr_setclock(&c->cond_attr, CLOCK_MONOTONIC);
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     c->next_xid = (uint32_t)now.tv_nsec ^ ((uint32_t)getpid() << 16) ^ (uint32_t)now.tv_sec;
