@@ -107,8 +107,8 @@ static int rd_bare_mechanism(struct rd *r, uint32_t version, uint32_t tag_none, 
     return rd_u32(r, &tag) == 0 && tag == tag_none ? 0 : -1;
 }
 
-/* A version-4 typed template of plain values (fastpath.py: FIND_INIT): BYTES
- * and ULONG attributes only, at most MAX_TEMPLATE of them.  Declined (-1):
+/* FindObjectsInit's template (fastpath.py: FIND_INIT).  Version 4: a typed
+ * template of plain values, BYTES and ULONG attributes only, at most MAX_TEMPLATE of them.  Declined (-1):
  * nested templates, arrays, byte strings for CK_ATTRIBUTE-array types (the
  * dispatcher refuses those), and any one-byte value other than 0x00/0x01 -
  * it may be a non-canonical CK_BBOOL, which the policy's canonical-booleans
@@ -124,9 +124,19 @@ struct plain_template {
     CK_ULONG count;
 };
 
-static int rd_plain_template(struct rd *r, struct plain_template *t)
+/* A byte-string value into *a (pointing into the record), or -1 to decline. */
+static int plain_bytes(CK_ATTRIBUTE *a, const uint8_t *v, uint64_t len)
 {
     static CK_BYTE empty; /* a valid pointer for zero-length values */
+    if ((len > 0 && (a->type & CKF_ARRAY_ATTRIBUTE_BIT)) || (len == 1 && v[0] > 1))
+        return -1;
+    a->pValue = len ? (void *)v : (void *)&empty;
+    a->ulValueLen = len;
+    return 0;
+}
+
+static int rd_plain_template(struct rd *r, struct plain_template *t)
+{
     uint32_t n;
     if (rd_u32(r, &n) != 0 || n > MAX_TEMPLATE)
         return -1;
@@ -147,15 +157,36 @@ static int rd_plain_template(struct rd *r, struct plain_template *t)
         } else if (kind == KIND_BYTES) {
             const uint8_t *v;
             uint64_t len;
-            if (rd_opaque(r, &v, &len) != 0)
+            if (rd_opaque(r, &v, &len) != 0 || plain_bytes(a, v, len) != 0)
                 return -1;
-            if ((len > 0 && (type & CKF_ARRAY_ATTRIBUTE_BIT)) || (len == 1 && v[0] > 1))
-                return -1;
-            a->pValue = len ? (void *)v : (void *)&empty;
-            a->ulValueLen = len;
         } else {
             return -1;
         }
+    }
+    t->count = n;
+    return 0;
+}
+
+/* A version-3 template: (type, value, length word) per attribute, values in
+ * the client's layout.  Python puts FindObjectsInit in a version-3 plan only
+ * when that layout is the module's, and then the dispatcher passes every
+ * value as it is (the length word is not used): so does this.  Declined as
+ * above: byte strings for array types, one-byte values other than 0/1, more
+ * than MAX_TEMPLATE attributes. */
+static int rd_v3_template(struct rd *r, struct plain_template *t)
+{
+    uint32_t n;
+    if (rd_u32(r, &n) != 0 || n > MAX_TEMPLATE)
+        return -1;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *v;
+        uint64_t type, len, length_word;
+        if (rd_u64(r, &type) != 0 || rd_opaque(r, &v, &len) != 0 ||
+            rd_u64(r, &length_word) != 0)
+            return -1;
+        t->attrs[i].type = type;
+        if (plain_bytes(&t->attrs[i], v, len) != 0)
+            return -1;
     }
     t->count = n;
     return 0;
@@ -362,7 +393,7 @@ static int decode(const struct p11g_fast *st, struct rd *r, struct call *c)
             return -1;
         break;
     case P11G_SHAPE_FIND_INIT:
-        if (st->version != 4 || rd_plain_template(r, &c->t) != 0)
+        if ((st->version == 4 ? rd_plain_template(r, &c->t) : rd_v3_template(r, &c->t)) != 0)
             return -1;
         break;
     default:

@@ -30,7 +30,7 @@ enum p11g_fast_shape {
     P11G_SHAPE_MECH,         /* (s, mech) -> rv                fn(s, &m)      no parameter */
     P11G_SHAPE_MECH_KEY,     /* (s, mech, key) -> rv           fn(s, &m, key) no parameter */
     P11G_SHAPE_FIND,         /* (s, max) -> rv, handles, count fn(s, hs, max, &n) */
-    P11G_SHAPE_FIND_INIT,    /* (s, typed template) -> rv     fn(s, attrs, n)  v4 only */
+    P11G_SHAPE_FIND_INIT,    /* (s, template) -> rv           fn(s, attrs, n)  v3: native layout */
     P11G_SHAPE_COUNT
 };
 

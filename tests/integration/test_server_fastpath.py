@@ -27,7 +27,13 @@ from p11guard.server import fastpath
 from p11guard.wire import rpc
 from p11guard.wire.codec import CODECS_BY_VERSION
 from p11guard.wire.mechanisms import NO_PARAM, param
-from p11guard.wire.procedures import NAMES_BY_VERSION, OUT_LEN_NULL, PROGRAM
+from p11guard.wire.procedures import (
+    ARCH_LITTLE_ENDIAN_32,
+    ARCH_LITTLE_ENDIAN_64,
+    NAMES_BY_VERSION,
+    OUT_LEN_NULL,
+    PROGRAM,
+)
 from p11guard.wire.templates import ValueKind
 from tests.support.servers import REPO, Server, start_server
 from tests.support.softhsm import Token
@@ -63,10 +69,11 @@ def servers(token: Token, tmp_path: Path) -> Iterator[tuple[Server, Server]]:
 class Peer:
     """One connection, set up the same way on both servers."""
 
-    def __init__(self, address: str, version: int) -> None:
+    def __init__(self, address: str, version: int, arch: int = ARCH_LITTLE_ENDIAN_64) -> None:
         self.c = WireClient.connect(address, version=version)
         self.version = version
-        assert self.c.rv("SetupArch", 1) == 1
+        self.ulong_size = 4 if arch == ARCH_LITTLE_ENDIAN_32 else 8
+        assert self.c.rv("SetupArch", arch) == ARCH_LITTLE_ENDIAN_64
         assert self.c.rv("LoadModule", b"softhsm") == c.CKR_OK
         assert self.c.rv("Initialize", *((0,) if version == 4 else ())) == c.CKR_OK
         _, slots, _ = self.c.call("GetSlotList", 1, 16)
@@ -176,8 +183,17 @@ def find_script(p: Peer) -> list[Any]:
     s = p.session
     p.aes_key()
     if p.version == 3:
-        templates: list[Any] = [[], [(c.CKA_CLASS, c.CKO_SECRET_KEY.to_bytes(8, "little"), 8)],
-                                [(c.CKA_ENCRYPT, b"\x02", 1)]]
+        cls = c.CKO_SECRET_KEY.to_bytes(p.ulong_size, "little")
+        templates: list[Any] = [
+            [], [(c.CKA_CLASS, cls, len(cls))], [(c.CKA_LABEL, b"", 0)],
+            [(c.CKA_CLASS, cls, len(cls)), (c.CKA_ENCRYPT, TRUE, 1)],
+            [(c.CKA_ENCRYPT, b"\x02", 1)],  # non-canonical TRUE: Python canonicalises
+            [(c.CKA_ENCRYPT, b"\x02\x00", 2)],  # two bytes: as it is
+            [(c.CKA_CLASS, cls, 99)],  # the length word is not used
+            [(c.CKA_CLASS, cls[:3], 3)],  # not a CK_ULONG
+            [(c.CKA_WRAP_TEMPLATE, b"xx", 2)],  # client memory for an array attribute
+            [(0x8000_0001, b"vendor", 6)] * 33,  # more than fastpath.c takes
+        ]
     else:
         templates = [
             [], [(c.CKA_CLASS, U, c.CKO_SECRET_KEY)], [(c.CKA_LABEL, B, b"")],
@@ -300,12 +316,34 @@ def test_fast_path_answers_like_python(servers: tuple[Server, Server], version: 
         assert got == want
 
 
+def test_fast_path_leaves_a_32_bit_clients_templates_to_python(
+        servers: tuple[Server, Server]) -> None:
+    """A v3 client of another layout (32-bit): its templates are converted in Python,
+    and the answers are the same."""
+    answers = []
+    for server in servers:
+        peer = Peer(server.address, 3, arch=ARCH_LITTLE_ENDIAN_32)
+        try:
+            answers.append(find_script(peer))
+        finally:
+            peer.c.close()
+    assert answers[0] == answers[1]
+
+
 def test_fast_path_serves_the_calls(servers: tuple[Server, Server]) -> None:
-    """The fast server really answers in C (its worker logs how many), the other not."""
+    """The fast server really answers in C (its worker logs how many), the other not:
+    GetSessionInfo in version 4, FindObjectsInit/Final with a native v3 template."""
+    cls = c.CKO_SECRET_KEY.to_bytes(8, "little")
     for server in servers:
         peer = Peer(server.address, 4)
         for _ in range(50):
             assert peer.c.rv("GetSessionInfo", peer.session) == c.CKR_OK
+        peer.c.close()
+        peer = Peer(server.address, 3)
+        for _ in range(25):
+            assert peer.c.rv("FindObjectsInit", peer.session, [(c.CKA_CLASS, cls, 8)]) \
+                == c.CKR_OK
+            assert peer.c.rv("FindObjectsFinal", peer.session) == c.CKR_OK
         peer.c.close()
     fast, slow = servers
     fast.stop()

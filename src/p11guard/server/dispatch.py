@@ -24,7 +24,7 @@ from ..pkcs11 import attributes as attrs
 from ..pkcs11.mechparams import NATIVE_ARCH, Arch, ParamRefused, native_parameter
 from ..wire import procedures as procs
 from ..wire.codec import Limits, rv_only_result
-from ..wire.procedures import BY_NAME, Procedure
+from ..wire.procedures import BY_NAME, VERSION_CAMLCRUSH, Procedure
 from . import fastpath
 
 log = logging.getLogger("p11guard.dispatch")
@@ -160,7 +160,8 @@ class Dispatcher:
         if library is None or st.module is None or not st.initialized \
                 or self._on_call is not None:
             return None
-        key = (st.module, version)  # the object itself: an id() may be reused
+        native = st.arch.is_native
+        key = (st.module, version, native)  # the module itself: an id() may be reused
         if self._fast_cache is not None and self._fast_cache[0] == key:
             return self._fast_cache
         functions = getattr(st.module, "fast_path_functions", None)
@@ -168,6 +169,9 @@ class Dispatcher:
         if found is None:  # a module the policy denies, or a closed one
             return None
         address, available = found
+        if version == VERSION_CAMLCRUSH and not native:
+            # A v3 template's values are in the client's layout: converted in Python.
+            available = available - {"C_FindObjectsInit"}
         plan = library.plan(version, address, available, long_procedures,
                             output_slack=OUTPUT_SLACK, max_list=self.limits.max_list_count)
         self._fast_cache = (key, plan)

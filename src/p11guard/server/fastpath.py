@@ -83,7 +83,7 @@ _SHAPE_WIRE: Final[dict[int, dict[int, tuple[tuple[Kind, ...], tuple[Kind, ...]]
     9: {3: ((_H, _M3), (_H,)), 4: ((_H, _M4), (_H,))},                      # MECH
     10: {3: ((_H, _M3, _H), (_H,)), 4: ((_H, _M4, _H), (_H,))},             # MECH_KEY
     11: {3: ((_H, _H), (_H, _L, _H)), 4: ((_H, _H), (_H, _L, _H))},         # FIND
-    12: {4: ((_H, Kind.TYPED_TEMPLATE), (_H,))},                           # FIND_INIT
+    12: {3: ((_H, Kind.TEMPLATE), (_H,)), 4: ((_H, Kind.TYPED_TEMPLATE), (_H,))},  # FIND_INIT
 }
 HANDLE, SESSION_INFO, OPEN_SESSION, RANDOM, DATA_OUT, FINAL_OUT = 1, 2, 3, 4, 5, 6
 DATA_IN, DATA2_IN, MECH, MECH_KEY, FIND, FIND_INIT = 7, 8, 9, 10, 11, 12
@@ -107,10 +107,10 @@ SHAPES: Final[dict[str, int]] = {
     **dict.fromkeys(("SignInit", "VerifyInit", "EncryptInit", "DecryptInit", "SignRecoverInit",
                      "VerifyRecoverInit"), MECH_KEY),
     "FindObjects": FIND,
-    # Version 4 only (typed templates; a v3 template is in the client's layout).
-    # fastpath.c takes plain BYTES/ULONG templates and declines any one-byte value
-    # other than 0/1, so the canonical-booleans unit would leave these calls alone
-    # (Unit.fast_path_checked).
+    # fastpath.c takes plain templates (v4: BYTES/ULONG values; v3: only while the
+    # client's layout is the module's, see Dispatcher.fast_plan) and declines any
+    # one-byte value other than 0/1, so the canonical-booleans unit would leave
+    # these calls alone (Unit.fast_path_checked).
     "FindObjectsInit": FIND_INIT,
 }
 
