@@ -3,6 +3,7 @@ program built ahead, the configuration keys."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -14,6 +15,8 @@ from p11guard.config.model import SandboxConfig
 from p11guard.config.tomlconf import toml_to_config
 from p11guard.policy.model import ConfigError
 from p11guard.server import prefork, sandbox
+from p11guard.wire import rpc
+from p11guard.wire.procedures import PROGRAM, TABLES, VERSION_P11GUARD
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "p11guard"
 TYPE_LITERAL = re.compile(r'ffi\.(?:new|cast|typeof|sizeof|offsetof|alignof)\(\s*"([^"]+)"')
@@ -195,3 +198,38 @@ def test_spare_worker_settings() -> None:
         toml_to_config(_server_toml("spare_workers = 65"), "p.toml")
     with pytest.raises(ConfigError, match="true or false"):
         toml_to_config(_server_toml('preload_modules = "yes"'), "p.toml")
+
+
+def test_rehearsal_calls_are_a_v4_clients_first_calls() -> None:
+    data = prefork.rehearsal_calls()
+    reader = rpc.RecordReader(1 << 16)
+    reader.feed(data)
+    names = []
+    while (record := reader.pop()) is not None:
+        call = rpc.parse_call(record)
+        assert (call.program, call.version) == (PROGRAM, VERSION_P11GUARD)
+        names.append(TABLES[VERSION_P11GUARD][call.procedure].name)
+    assert names == ["SetupArch", "GetInfo"]
+
+
+def test_a_spare_rehearses_without_loading_a_module() -> None:
+    """WorkerProgram.rehearse serves the pretend calls and leaves the preloaded
+    modules to the real client."""
+    from p11guard.server.serve import ServeOptions, WorkerProgram
+
+    cfg = toml_to_config(_server_toml(""), "p.toml")
+    program = WorkerProgram(cfg, ServeOptions())
+    preloaded = {"/usr/lib/softhsm/libsofthsm2.so": object()}
+    program._preloaded = dict(preloaded)
+    program.rehearse()
+    assert program._preloaded == preloaded
+
+
+def test_a_rehearsal_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    from p11guard.server.serve import ServeOptions, WorkerProgram
+
+    program = WorkerProgram(toml_to_config(_server_toml(""), "p.toml"), ServeOptions())
+    with caplog.at_level("DEBUG"):
+        program.rehearse()
+    assert caplog.records == []
+    assert not logging.getLogger("p11guard.worker").disabled

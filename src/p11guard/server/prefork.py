@@ -9,7 +9,10 @@ So the listener keeps ``spare_workers`` processes forked ahead (after the
 privilege drop and hardening, like every worker).  A spare loads the
 configured modules (dlopen + C_GetInterface/C_GetFunctionList, never
 C_Initialize; ``preload_modules = false`` turns this off), builds its seccomp
-program, says it is ready on its control socket, and waits.  On accept the
+program, serves a pretend client over a socket pair
+(``serve.WorkerProgram.rehearse``: the first write to each page shared with
+the listener copies it, and a new connection's first calls paid ~1,000 such
+faults), says it is ready on its control socket, and waits.  On accept the
 listener passes it the connected socket (SCM_RIGHTS over the socket pair
 made at the fork) with the listener's index and the peer's name, and forgets
 the control socket: from then on the spare is that connection's worker,
@@ -57,6 +60,21 @@ def warm_cffi_types(types: Iterable[str] = C_TYPES) -> None:
     """Parse ``types`` once, here, so that forked workers find them in cffi's cache."""
     for name in types:
         ffi.typeof(name)
+
+
+def rehearsal_calls() -> bytes:
+    """The calls a spare serves itself before it is ready (serve.WorkerProgram.rehearse):
+    a version-4 client's first call, and one call that needs a module."""
+    from ..wire import rpc
+    from ..wire.codec import CODECS_BY_VERSION
+    from ..wire.procedures import NAMES_BY_VERSION, PROGRAM, VERSION_P11GUARD
+
+    out = []
+    for xid, (name, args) in enumerate((("SetupArch", (1,)), ("GetInfo", ()))):
+        proc = NAMES_BY_VERSION[VERSION_P11GUARD][name]
+        body = CODECS_BY_VERSION[VERSION_P11GUARD][proc.number].args.encode(args)
+        out.append(rpc.frame(rpc.call(xid, PROGRAM, VERSION_P11GUARD, proc.number, body)))
+    return b"".join(out)
 
 
 def preload_modules(paths: Iterable[str]) -> dict[str, Module]:
