@@ -136,7 +136,7 @@ class WorkerProgram:
             theirs.sendall(prefork.rehearsal_calls())
             theirs.shutdown(socket.SHUT_WR)
             connection.run()
-        except (OSError, ValueError) as exc:  # a rehearsal only: never fatal
+        except Exception as exc:  # a rehearsal only: never fatal
             log.debug("spare worker rehearsal failed: %s", exc)
         finally:
             quiet.disabled = False
