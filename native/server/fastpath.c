@@ -108,7 +108,8 @@ static int rd_bare_mechanism(struct rd *r, uint32_t version, uint32_t tag_none, 
 }
 
 /* FindObjectsInit's template (fastpath.py: FIND_INIT).  Version 4: a typed
- * template of plain values, BYTES and ULONG attributes only, at most MAX_TEMPLATE of them.  Declined (-1):
+ * template of plain values, BYTES and ULONG attributes only, at most
+ * MAX_TEMPLATE of them.  Declined (-1):
  * nested templates, arrays, byte strings for CK_ATTRIBUTE-array types (the
  * dispatcher refuses those), and any one-byte value other than 0x00/0x01 -
  * it may be a non-canonical CK_BBOOL, which the policy's canonical-booleans
@@ -402,8 +403,7 @@ static int decode(const struct p11g_fast *st, struct rd *r, struct call *c)
     return r->pos == r->n ? 0 : -1;
 }
 
-/* Run one decoded call, leaving the result after the header in scratch.
- * Returns the reply length, or NO_MEMORY. */
+/* A reply length of 0: out of memory. */
 #define NO_MEMORY ((size_t)0)
 
 /* FindObjects: rv, objects (count word + hypers), count. */
@@ -436,6 +436,8 @@ static size_t find_objects(struct p11g_fast *st, void *fp, CK_SESSION_HANDLE s, 
     return n;
 }
 
+/* Run one decoded call, leaving the result after the header in scratch.
+ * Returns the reply length, or NO_MEMORY. */
 static size_t execute(struct p11g_fast *st, const struct call *c)
 {
     void *fp = function_at(st, c->proc->fn);
@@ -644,9 +646,10 @@ static struct p11g_pool *pool_of(struct p11g_fast *st)
     return st->pool;
 }
 
-/* Hand a long call to a pool thread: 1 handed over (or run here when no
- * thread could start), 0 declined, NOT_HANDED_OVER (out of memory: run it
- * here), < 0 another error. */
+/* Hand a long call (already decoded once, in place) to a pool thread with
+ * its own copy of the record, decoded again there: 1 handed over (or run here
+ * when no thread could start), 0 declined, NOT_HANDED_OVER (out of memory:
+ * run it here), < 0 another error. */
 #define NOT_HANDED_OVER (-100)
 
 static long hand_over(struct p11g_fast *st, struct p11g_pool *pool, const uint8_t *buf,
@@ -677,18 +680,14 @@ static long lead_record(struct p11g_fast *st, const uint8_t *buf, size_t n)
     if (pool != NULL && p11g_pool_in_flight(pool) > 0)
         note_overlap(st); /* a call arrived while another one runs */
     struct call c;
-    uint32_t xid;
-    const struct p11g_fast_proc *proc = match_call(st, buf, n, &xid);
-    if (proc == NULL)
+    if (decode_record(st, buf, n, &c) != 0)
         return 0;
-    if ((proc->flags & P11G_FAST_LONG) && st->max_threads > 1 &&
+    if ((c.proc->flags & P11G_FAST_LONG) && st->max_threads > 1 &&
         now_ns() < st->concurrent_until_ns && (pool = pool_of(st)) != NULL) {
         long r = hand_over(st, pool, buf, n);
         if (r != NOT_HANDED_OVER)
             return r;
     }
-    if (decode_record(st, buf, n, &c) != 0)
-        return 0;
     if (pool != NULL)
         p11g_pool_wait_key(pool, c.a); /* calls on one session keep their order */
     int overlap = 0;
