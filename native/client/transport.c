@@ -5,8 +5,8 @@
  * becomes the reader (leader/follower): it reads one complete record, hands it
  * to the thread whose XID it carries and wakes that thread alone (each caller
  * waits on its own condition); when its own reply comes, it wakes one caller
- * still waiting to read in its place.  So no lock is held
- * for a whole round trip, and replies may arrive in any order.  A server that
+ * still waiting to read in its place.  So no lock is held for a whole round
+ * trip, and replies may arrive in any order.  A server that
  * answers one call at a time (Caml Crush) simply queues the records.
  *
  * Any I/O error, timeout or record that breaks the stream marks the connection

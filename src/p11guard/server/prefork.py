@@ -32,6 +32,9 @@ import socket
 from collections.abc import Callable, Iterable
 
 from ..pkcs11.binding import Module, ffi
+from ..wire import rpc
+from ..wire.codec import CODECS_BY_VERSION
+from ..wire.procedures import NAMES_BY_VERSION, PROGRAM, VERSION_P11GUARD
 from .sandbox import PR_SET_NAME, prctl
 
 log = logging.getLogger("p11guard.prefork")
@@ -65,10 +68,6 @@ def warm_cffi_types(types: Iterable[str] = C_TYPES) -> None:
 def rehearsal_calls() -> bytes:
     """The calls a spare serves itself before it is ready (serve.WorkerProgram.rehearse):
     a version-4 client's first call, and one call that needs a module."""
-    from ..wire import rpc
-    from ..wire.codec import CODECS_BY_VERSION
-    from ..wire.procedures import NAMES_BY_VERSION, PROGRAM, VERSION_P11GUARD
-
     out = []
     for xid, (name, args) in enumerate((("SetupArch", (1,)), ("GetInfo", ()))):
         proc = NAMES_BY_VERSION[VERSION_P11GUARD][name]
