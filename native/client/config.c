@@ -241,6 +241,11 @@ CK_RV p11g_config_load(struct p11g_config *cfg, char *err, size_t errlen)
 
     const char *s = getenv("PKCS11PROXY_SERIAL");
     cfg->serial = (s != NULL && strcmp(s, "1") == 0);
+    cfg->channels = parse_bool(getenv("PKCS11PROXY_CHANNELS"), 1);
+    if (cfg->channels < 0) {
+        snprintf(err, errlen, "bad PKCS11PROXY_CHANNELS (want 1 or 0)");
+        return CKR_GENERAL_ERROR;
+    }
 
     if (env_file(cfg->ca_file, sizeof cfg->ca_file, "PKCS11PROXY_CA_FILE") != 0 ||
         env_file(cfg->cert_file, sizeof cfg->cert_file, "PKCS11PROXY_CERT_FILE") != 0 ||

@@ -127,6 +127,12 @@ CK_RV p11g_call(unsigned proc, const struct p11g_arg *args, struct p11g_res *res
     CK_RV rv = p11g_acquire(&c, &max_record);
     if (rv != CKR_OK)
         return rv;
+    /* This thread's own channel, when it has one or now needs one (channels.c). */
+    struct p11g_conn *ch = p11g_channel_for_call(c, max_record);
+    if (ch != NULL) {
+        p11g_release(c);
+        c = ch;
+    }
     int err = p11g_rpc(c, proc, args, res, rep, max_record);
     p11g_release(c);
     if (err != P11G_OK)
@@ -244,6 +250,7 @@ P11G_EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
     g_initialized = 0;
     g_generation++;
     pthread_mutex_unlock(&g_lock);
+    p11g_channels_close_all();
     if (old != NULL) {
         p11g_conn_kill(old);
         p11g_conn_unref(old);
@@ -283,6 +290,7 @@ P11G_EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
         pthread_mutex_unlock(&g_init_lock);
         return rv;
     }
+    p11g_channels_configure(cfg.channels && !cfg.serial);
     pthread_mutex_lock(&g_lock);
     g_conn = c;
     g_max_record = cfg.max_record;
@@ -311,6 +319,7 @@ P11G_EXPORT CK_RV C_Finalize(CK_VOID_PTR pReserved)
     g_initialized = 0;
     g_generation++; /* ends local WaitForSlotEvent loops */
     pthread_mutex_unlock(&g_lock);
+    p11g_channels_close_all(); /* before the module is finalized under them */
 
     CK_RV rv = CKR_OK;
     if (c != NULL && !p11g_conn_dead(c)) {
@@ -339,10 +348,12 @@ static void atfork_prepare(void)
 {
     pthread_mutex_lock(&g_lock);
     p11g_cache_atfork_prepare();
+    p11g_channels_atfork_prepare();
 }
 
 static void atfork_parent(void)
 {
+    p11g_channels_atfork_parent();
     p11g_cache_atfork_parent();
     pthread_mutex_unlock(&g_lock);
 }
@@ -352,6 +363,7 @@ static void atfork_child(void)
     /* PKCS#11: a child must call C_Initialize.  Until it does, every call
      * returns CKR_CRYPTOKI_NOT_INITIALIZED; nothing is ever sent on the
      * parent's connection from here. */
+    p11g_channels_atfork_child();
     p11g_cache_atfork_child();
     p11g_conn_abandon(g_conn);
     g_conn = NULL;
@@ -381,6 +393,7 @@ static void p11g_unload(void)
     g_conn = NULL;
     g_initialized = 0;
     pthread_mutex_unlock(&g_lock);
+    p11g_channels_close_all();
     if (c != NULL) {
         p11g_conn_kill(c);
         p11g_conn_unref(c);
@@ -388,7 +401,11 @@ static void p11g_unload(void)
     p11g_cache_clear();
 }
 
-__attribute__((destructor)) static void p11g_unload_dtor(void) { p11g_unload(); }
+__attribute__((destructor)) static void p11g_unload_dtor(void)
+{
+    p11g_unload();
+    p11g_channels_unload(); /* here only: the atexit run is not an unload */
+}
 
 static void register_exit_handler(void)
 {

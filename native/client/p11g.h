@@ -35,6 +35,7 @@ struct p11g_config {
     int timeout_s;
     size_t max_record;
     int serial; /* 1: one call in flight per connection (PKCS11PROXY_SERIAL=1) */
+    int channels; /* 1: threads may get channels (channels.c; PKCS11PROXY_CHANNELS=0: no) */
     char ca_file[P11G_MAX_ADDR], cert_file[P11G_MAX_ADDR], key_file[P11G_MAX_ADDR];
     /* TLS server authentication: the chain is always verified; the name too
      * unless PKCS11PROXY_TLS_VERIFY_HOSTNAME=0.  server_name is the name
@@ -98,6 +99,18 @@ P11G_HIDDEN void p11g_conn_ref(struct p11g_conn *c);
 P11G_HIDDEN void p11g_conn_unref(struct p11g_conn *c);
 /* In a forked child: drop our copy of the socket without touching locks. */
 P11G_HIDDEN void p11g_conn_abandon(struct p11g_conn *c);
+/* A connection around a channel's descriptor (channels.c), with main's timeout
+ * and record limit, speaking `version` from the start. */
+P11G_HIDDEN int p11g_conn_adopt(const struct p11g_conn *main, int fd, unsigned version,
+                                struct p11g_conn **out);
+/* Is a call in flight on c (another thread is using it)? */
+P11G_HIDDEN int p11g_conn_busy(struct p11g_conn *c);
+/* Could the server pass a channel over c (a plain Unix socket, not a channel)? */
+P11G_HIDDEN int p11g_conn_may_carry_channel(const struct p11g_conn *c);
+/* A channel's fixed protocol version; 0 for a negotiated connection. */
+P11G_HIDDEN unsigned p11g_conn_fixed_version(const struct p11g_conn *c);
+/* The descriptor the server passed on c (-1: none); the caller owns it. */
+P11G_HIDDEN int p11g_conn_take_fd(struct p11g_conn *c);
 
 /* Copies the reason of the last TLS failure on c ("" if none) into buf. */
 P11G_HIDDEN void p11g_conn_tls_error(struct p11g_conn *c, char *buf, size_t len);
@@ -174,6 +187,19 @@ P11G_HIDDEN uint64_t p11g_list_get(const uint8_t *p, uint32_t i);
 /* ---- module state (module.c) ------------------------------------------ */
 /* Takes a reference on the live connection or returns the CK_RV to give. */
 P11G_HIDDEN CK_RV p11g_acquire(struct p11g_conn **c, size_t *max_record);
+
+/* ---- channels (channels.c) ---------------------------------------------- */
+/* The calling thread's channel (a reference, for one call), opening one when
+ * `c` is busy with another thread's call and the server offers channels; NULL:
+ * use c. */
+P11G_HIDDEN struct p11g_conn *p11g_channel_for_call(struct p11g_conn *c, size_t max_record);
+P11G_HIDDEN void p11g_channels_configure(int enabled);
+/* Closes every channel (C_Finalize, reconnection, unload). */
+P11G_HIDDEN void p11g_channels_close_all(void);
+P11G_HIDDEN void p11g_channels_atfork_prepare(void);
+P11G_HIDDEN void p11g_channels_atfork_parent(void);
+P11G_HIDDEN void p11g_channels_atfork_child(void);
+P11G_HIDDEN void p11g_channels_unload(void);
 P11G_HIDDEN void p11g_release(struct p11g_conn *c);
 P11G_HIDDEN unsigned long p11g_generation(void);
 /* acquire + rpc + release + error mapping.  On CKR_OK, res[0].h is the

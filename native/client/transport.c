@@ -52,6 +52,9 @@ struct p11g_conn {
     atomic_uint refs;
     int fd;
     struct p11g_tls *tls; /* NULL: plain stream */
+    int is_unix;          /* a plain Unix socket: it may carry a channel (recvmsg) */
+    unsigned fixed_version; /* a channel's protocol version (0: negotiated, v4.c) */
+    atomic_int passed_fd; /* a descriptor the server passed (OpenChannel), or -1 */
     struct p11g_conn *next_abandoned;
     int timeout_s;
     size_t max_record;
@@ -212,6 +215,49 @@ static int send_record(struct p11g_conn *c, uint8_t *msg, size_t len,
     return P11G_OK;
 }
 
+/* Is fd a connected Unix stream socket (what a channel is)?  The server picks
+ * the descriptor; anything else is closed unused. */
+static int is_unix_stream(int fd)
+{
+    int domain = 0, type = 0;
+    socklen_t l1 = sizeof domain, l2 = sizeof type;
+    return getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &l1) == 0 && domain == AF_UNIX &&
+           getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &l2) == 0 && type == SOCK_STREAM;
+}
+
+/* recv() on a Unix socket, keeping a descriptor the server passes along with
+ * the reply to OpenChannel (channels.c takes it from passed_fd). */
+static long recv_unix(struct p11g_conn *c, uint8_t *into, size_t cap)
+{
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(sizeof(int) * 4)];
+    } control;
+    struct iovec iov = {.iov_base = into, .iov_len = cap};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
+                         .msg_controllen = sizeof control.bytes};
+    long r = (long)recvmsg(c->fd, &msg, MSG_CMSG_CLOEXEC);
+    if (r < 0 || msg.msg_controllen == 0)
+        return r;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS ||
+            cm->cmsg_len < CMSG_LEN(0))
+            continue;
+        size_t n = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < n; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof fd);
+            if (fd < 0)
+                continue;
+            /* One channel at a time is asked for: keep the newest, close the rest. */
+            int old = is_unix_stream(fd) ? atomic_exchange(&c->passed_fd, fd) : fd;
+            if (old >= 0)
+                close(old);
+        }
+    }
+    return r;
+}
+
 static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct timespec *deadline)
 {
     while (n > 0) {
@@ -244,7 +290,7 @@ static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct 
         } else {
             /* A plain socket is blocking with SO_RCVTIMEO (see p11g_conn_open):
              * one recv() per reply instead of recv() + poll() + recv(). */
-            r = (long)recv(c->fd, into, cap, 0);
+            r = c->is_unix ? recv_unix(c, into, cap) : (long)recv(c->fd, into, cap, 0);
             if (r == 0)
                 return P11G_E_NET; /* peer closed */
             if (r < 0) {
@@ -468,6 +514,23 @@ void p11g_conn_tls_error(struct p11g_conn *c, char *buf, size_t len)
 
 void p11g_conn_ref(struct p11g_conn *c) { atomic_fetch_add(&c->refs, 1); }
 
+int p11g_conn_busy(struct p11g_conn *c)
+{
+    pthread_mutex_lock(&c->lock);
+    int busy = c->pending != NULL;
+    pthread_mutex_unlock(&c->lock);
+    return busy;
+}
+
+int p11g_conn_may_carry_channel(const struct p11g_conn *c)
+{
+    return c->is_unix && c->fixed_version == 0;
+}
+
+unsigned p11g_conn_fixed_version(const struct p11g_conn *c) { return c->fixed_version; }
+
+int p11g_conn_take_fd(struct p11g_conn *c) { return atomic_exchange(&c->passed_fd, -1); }
+
 void p11g_conn_unref(struct p11g_conn *c)
 {
     if (c == NULL || atomic_fetch_sub(&c->refs, 1) != 1)
@@ -475,6 +538,9 @@ void p11g_conn_unref(struct p11g_conn *c)
     p11g_tls_free(c->tls);
     if (c->fd >= 0)
         close(c->fd);
+    int passed = atomic_exchange(&c->passed_fd, -1);
+    if (passed >= 0)
+        close(passed);
     pthread_mutex_destroy(&c->serial_lock);
     pthread_mutex_destroy(&c->wlock);
     pthread_mutex_destroy(&c->lock);
@@ -500,6 +566,9 @@ void p11g_conn_abandon(struct p11g_conn *c)
         close(c->fd);
         c->fd = -1;
     }
+    int passed = atomic_exchange(&c->passed_fd, -1);
+    if (passed >= 0)
+        close(passed);
     c->next_abandoned = g_abandoned;
     g_abandoned = c;
 }
@@ -593,6 +662,8 @@ static int make_blocking(int fd, int timeout_s)
     return setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 }
 
+static struct p11g_conn *new_conn(int fd, int timeout_s, size_t max_record);
+
 int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *err,
                    size_t errlen)
 {
@@ -614,19 +685,44 @@ int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *
         close(fd);
         return P11G_E_NET;
     }
-    struct p11g_conn *c = calloc(1, sizeof *c);
+    struct p11g_conn *c = new_conn(fd, cfg->timeout_s, cfg->max_record);
     if (c == NULL) {
         p11g_tls_free(tls);
         close(fd);
         snprintf(err, errlen, "out of memory");
         return P11G_E_NOMEM;
     }
-    atomic_init(&c->refs, 1);
-    c->fd = fd;
     c->tls = tls;
-    c->timeout_s = cfg->timeout_s;
-    c->max_record = cfg->max_record;
+    c->is_unix = cfg->transport == P11G_UNIX && tls == NULL;
     c->serial = cfg->serial;
+    *out = c;
+    return P11G_OK;
+}
+
+int p11g_conn_adopt(const struct p11g_conn *main, int fd, unsigned version,
+                    struct p11g_conn **out)
+{
+    *out = NULL;
+    if (make_blocking(fd, main->timeout_s) != 0)
+        return P11G_E_NET;
+    struct p11g_conn *c = new_conn(fd, main->timeout_s, main->max_record);
+    if (c == NULL)
+        return P11G_E_NOMEM;
+    c->fixed_version = version;
+    *out = c;
+    return P11G_OK;
+}
+
+static struct p11g_conn *new_conn(int fd, int timeout_s, size_t max_record)
+{
+    struct p11g_conn *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    atomic_init(&c->refs, 1);
+    atomic_init(&c->passed_fd, -1);
+    c->fd = fd;
+    c->timeout_s = timeout_s;
+    c->max_record = max_record;
     pthread_mutex_init(&c->serial_lock, NULL);
     pthread_mutex_init(&c->wlock, NULL);
     pthread_mutex_init(&c->lock, NULL);
@@ -635,6 +731,5 @@ int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     c->next_xid = (uint32_t)now.tv_nsec ^ ((uint32_t)getpid() << 16) ^ (uint32_t)now.tv_sec;
-    *out = c;
-    return P11G_OK;
+    return c;
 }

@@ -22,6 +22,9 @@ _Static_assert(_Alignof(max_align_t) > VERSION_MASK, "connections are malloc'ed"
 
 unsigned p11g_conn_version(const struct p11g_conn *c)
 {
+    unsigned fixed = p11g_conn_fixed_version(c); /* a channel: never negotiated */
+    if (fixed != 0)
+        return fixed;
     uintptr_t key = (uintptr_t)c;
     for (unsigned i = 0; i < SLOTS; i++) {
         uintptr_t v = atomic_load(&g_slots[i]);

@@ -36,6 +36,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <time.h>
 
 #include <p11-kit/pkcs11.h>
@@ -777,6 +778,35 @@ long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n)
 long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n)
 {
     int err = send_all(st->fd, data, n);
+    return err ? -(long)err : 0;
+}
+
+long p11g_fast_send_fd(struct p11g_fast *st, const uint8_t *data, size_t n, int32_t fd)
+{
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(sizeof(int))];
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {.iov_base = (void *)(uintptr_t)data, .iov_len = n};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
+                         .msg_controllen = sizeof control.bytes};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    int err = 0;
+    pthread_mutex_lock(&send_lock);
+    ssize_t w;
+    do
+        w = sendmsg(st->fd, &msg, MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    pthread_mutex_unlock(&send_lock);
+    if (w < 0)
+        err = errno ? errno : EIO;
+    else if ((size_t)w < n) /* the descriptor went with the first byte */
+        err = send_all(st->fd, data + w, n - (size_t)w);
     return err ? -(long)err : 0;
 }
 

@@ -87,6 +87,9 @@ long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n);
 /* Send bytes under the lock the replies of p11g_fast_* go out under:
  * 0, or -errno. */
 long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n);
+/* The same with one descriptor passed along (SCM_RIGHTS, a Unix socket):
+ * a channel's client end (server/channels.py).  0, or -errno. */
+long p11g_fast_send_fd(struct p11g_fast *st, const uint8_t *data, size_t n, int32_t fd);
 /* Stop the pool's threads (the connection is over). */
 void p11g_fast_close(struct p11g_fast *st);
 size_t p11g_fast_struct_size(void);

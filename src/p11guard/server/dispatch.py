@@ -157,8 +157,10 @@ class Dispatcher:
         changes when the plan does; None: every call goes through Python."""
         st = self.state
         library = fastpath.load()
+        # A serialised module (no OS locking) takes one call at a time: the serial
+        # lock is Python's, so C (which would run calls beside it) stays out.
         if library is None or st.module is None or not st.initialized \
-                or self._on_call is not None:
+                or self._on_call is not None or self.serial:
             return None
         native = st.arch.is_native
         key = (st.module, version, native)  # the module itself: an id() may be reused

@@ -133,6 +133,9 @@ class DispatcherV4:
             "VerifyMessage": self._verify_message,
             "VerifyMessageBegin": self._param_only("verify_message_begin", "verify"),
             "VerifyMessageNext": self._verify_message_next,
+            # Answered by the connection itself (worker.py, server/channels.py);
+            # reached only where it offers no channels.
+            "OpenChannel": lambda args: (CKR_FUNCTION_NOT_SUPPORTED,),
         }
         for name, (method, op) in _MSG_INIT.items():
             special[name] = self._message_init(method, op)
@@ -533,6 +536,6 @@ assert all(
     p.name in _SPECS or p.name in _METHODS or p.name in {
         "SetupArch", "LoadModule", "Initialize", "Finalize", "GetSlotList",
         "GetMechanismList", "GetAttributeValue", "FindObjects", "GenerateRandom",
-        "InitToken", "GetInterfaceInfo"}
+        "InitToken", "GetInterfaceInfo", "OpenChannel"}
     for p in procs.PROCEDURES_V4
 )

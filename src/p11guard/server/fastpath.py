@@ -55,6 +55,7 @@ struct p11g_fast {
 long p11g_fast_serve(struct p11g_fast *st, uint8_t *buf, size_t cap);
 long p11g_fast_call(struct p11g_fast *st, const uint8_t *record, size_t n);
 long p11g_fast_send(struct p11g_fast *st, const uint8_t *data, size_t n);
+long p11g_fast_send_fd(struct p11g_fast *st, const uint8_t *data, size_t n, int32_t fd);
 void p11g_fast_close(struct p11g_fast *st);
 size_t p11g_fast_struct_size(void);
 """
@@ -222,6 +223,13 @@ class FastPath:
         """Send under the lock C's replies go out under; OSError on failure."""
         result: int = self._lib.p11g_fast_send(self._state, self._ffi.from_buffer(data),
                                                len(data))
+        if result < 0:
+            raise OSError(-result, os.strerror(-result))
+
+    def send_fd(self, data: bytes | bytearray, fd: int) -> None:
+        """send() with descriptor ``fd`` passed along (SCM_RIGHTS); OSError on failure."""
+        result: int = self._lib.p11g_fast_send_fd(self._state, self._ffi.from_buffer(data),
+                                                  len(data), fd)
         if result < 0:
             raise OSError(-result, os.strerror(-result))
 

@@ -184,7 +184,7 @@ DEFAULT_ALLOW: tuple[str, ...] = (
 # Allowed only with some arguments (see _conditional); naming one in ``allow``
 # lifts the condition.
 CONDITIONAL = ("clone", "clone3", "ioctl", "prctl", "kill", "tgkill", "tkill", "prlimit64",
-               "socket")
+               "socket", "socketpair")
 SAFE_IOCTLS = (TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX)
 SAFE_PRCTLS = (PR_GET_DUMPABLE, PR_SET_NAME, PR_GET_NAME, PR_GET_SECCOMP, PR_CAPBSET_READ,
                PR_GET_TIMERSLACK, PR_GET_NO_NEW_PRIVS, PR_SET_VMA)
@@ -243,6 +243,8 @@ def _conditional(name: str, deny: int, pid: int) -> list[Insn]:
                 _jump(BPF_JEQ_K, AF_UNIX, 0, 1),
                 _stmt(BPF_RET_K, SECCOMP_RET_ERRNO | errno.EACCES),
                 _stmt(BPF_RET_K, deny)]
+    if name == "socketpair":  # a channel (server/channels.py): two connected Unix ends
+        return _one_of(_arg_low(0), (AF_UNIX,), deny)
     if name == "tkill":
         return [_stmt(BPF_RET_K, deny)]
     if name == "prlimit64":  # reading only: new_limit (arg 2) must be NULL

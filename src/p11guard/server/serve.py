@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import logging.handlers
@@ -23,6 +24,7 @@ from .dispatch_v4 import DispatcherV4
 from .identity import Gate, guard_load_module
 from .listener import BoundListener, Server, adopt, bind
 from .tls import listener_uses_tls, server_context
+from .channels import Channels
 from .worker import Connection, Handler, WorkerSettings
 
 log = logging.getLogger("p11guard")
@@ -183,16 +185,29 @@ class WorkerProgram:
                     wrapped, config.sandbox, lambda: connection.shutdown())
             handlers[version] = wrapped
         handler = handlers.pop(3)
+        v4_handler = handlers[4]
+        # A channel (server/channels.py): version 4, one call at a time, same state.
+        channel_settings = dataclasses.replace(self.settings, max_threads=1)
+
+        def serve_channel(sock: socket.socket) -> Connection:
+            return Connection(sock, v4_handler, channel_settings, {4: v4_handler},
+                              fast_plan=dispatcher.fast_plan, version=4)
+
+        # A module that cannot take calls from several threads gets no channels.
+        channels = Channels(serve_channel, limit=self.settings.max_channels,
+                            available=lambda: not dispatcher.serial)
         connection = Connection(admission.stream, handler, self.settings, handlers,
-                                fast_plan=dispatcher.fast_plan)
+                                fast_plan=dispatcher.fast_plan, channels=channels)
         signal.signal(signal.SIGTERM, lambda *_: connection.shutdown())
         log.debug("worker serving %s", peer)
         try:
             connection.run()
         finally:
+            channels.close()  # their calls end before the module is finalized
             dispatcher.close()
             admission.close()
-            log.debug("worker for %s done: %d calls", peer, connection.calls)
+            log.debug("worker for %s done: %d calls, %d channel(s)", peer, connection.calls,
+                      channels.opened)
 
 
 def make_worker_main(config: ServerConfig, options: ServeOptions, gate: Gate | None = None,

@@ -49,10 +49,14 @@ from ..wire.procedures import BY_NAME, PROGRAM, TABLES, VERSION_CAMLCRUSH, VERSI
 from ..wire.rpc import RecordReader
 from ..wire.xdr import Packer, XdrError
 from . import fastpath
+from .channels import DEFAULT_MAX_CHANNELS, Channels
 
 log = logging.getLogger("p11guard.worker")
 
 CKR_GENERAL_ERROR = 0x5
+CKR_FUNCTION_NOT_SUPPORTED = 0x54
+OPEN_CHANNEL = TABLES[VERSION_P11GUARD][94]
+assert OPEN_CHANNEL.name == "OpenChannel"
 RECV_SIZE = 256 * 1024
 
 # Procedures that only read or set bookkeeping in the module (no cryptography,
@@ -83,6 +87,8 @@ CONCURRENCY_MEMORY = 1.0
 class WorkerSettings:
     limits: Limits
     max_threads: int = 4
+    # Channels (server/channels.py) one connection may open.
+    max_channels: int = DEFAULT_MAX_CHANNELS
     # Versions offered when a handler exists for them (Connection.more_handlers).
     supported_versions: tuple[int, int] = (VERSION_CAMLCRUSH, VERSION_P11GUARD)
 
@@ -117,17 +123,24 @@ class Connection:
 
     def __init__(self, sock: Stream, handler: Handler, settings: WorkerSettings,
                  more_handlers: dict[int, Handler] | None = None, *,
-                 fast_plan: FastPlanSource | None = None) -> None:
+                 fast_plan: FastPlanSource | None = None, channels: Channels | None = None,
+                 version: int | None = None) -> None:
         self.sock = sock
         self.handler = handler
         self.settings = settings
         self.handlers: dict[int, Handler] = {VERSION_CAMLCRUSH: handler, **(more_handlers or {})}
-        self.version: int | None = None  # fixed by the first accepted call
-        self._codecs: dict[int, ProcedureCodec] = CODECS_BY_VERSION[VERSION_CAMLCRUSH]
+        # Fixed by the first accepted call, or from the start (a channel: version 4).
+        self.version: int | None = version
+        self._codecs: dict[int, ProcedureCodec] = CODECS_BY_VERSION[version or VERSION_CAMLCRUSH]
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         self._recv_into = getattr(sock, "recv_into", None)
-        self._handler = handler  # the handler of self.version (fixed by the first call)
+        # The handler of self.version.
+        self._handler = handler if version is None else self.handlers[version]
+        # OpenChannel (version 4) is answered here, with a descriptor: only on a
+        # plain Unix socket, the one kind that can carry it (server/channels.py).
+        self._channels = channels if (isinstance(sock, socket.socket)
+                                      and sock.family == socket.AF_UNIX) else None
         self._concurrent_until = 0.0  # monotonic time until which long calls are handed off
         # Calls running on threads other than the leader (until their reply is
         # sent), and those of them whose reply is not computed yet.
@@ -510,7 +523,11 @@ class Connection:
         self._send_bytes(self._reply(xid, number, body))
 
     def _reply(self, xid: int, number: int, body: memoryview) -> bytes | bytearray:
-        """Decode, run and encode one call: the framed reply, ready to send."""
+        """Decode, run and encode one call: the framed reply, ready to send (empty:
+        sent already)."""
+        if number == OPEN_CHANNEL.number and self.version == VERSION_P11GUARD:
+            self._open_channel(xid)
+            return b""
         codec = self._codecs[number]
         try:
             args = codec.args.decode(body, self.settings.limits)
@@ -537,6 +554,36 @@ class Connection:
         return rpc.frame(rpc.success_reply_header(xid) +
                          bytes(buf[rpc.FRAMED_REPLY_HEADER_SIZE:]))
 
+    def _open_channel(self, xid: int) -> None:
+        """OpenChannel: a further connection to this worker, its client end sent
+        with the reply (SCM_RIGHTS); CKR_FUNCTION_NOT_SUPPORTED when there is none
+        (not a Unix socket, limit reached): the client goes on sharing this one."""
+        theirs = self._channels.open() if self._channels is not None else None
+        rv = CKR_FUNCTION_NOT_SUPPORTED if theirs is None else 0
+        buf = rpc.new_reply_buffer()
+        CODECS_BY_VERSION[VERSION_P11GUARD][OPEN_CHANNEL.number].result.encode_into(
+            Packer(buf), (rv,))
+        self._python_calls += 1
+        if not rpc.finish_reply(buf, xid):
+            raise AssertionError("an rv-only reply is one fragment")
+        if theirs is None:
+            self._send_bytes(buf)
+            return
+        try:
+            with self._send:
+                if self._fast is not None:  # under C's send lock: its replies too
+                    self._fast.send_fd(buf, theirs.fileno())
+                else:
+                    assert isinstance(self.sock, socket.socket)
+                    sent = socket.send_fds(self.sock, [buf], [theirs.fileno()])
+                    if sent < len(buf):
+                        self.sock.sendall(buf[sent:])
+        except OSError as exc:
+            log.debug("send failed: %s", exc)
+            self.shutdown()
+        finally:
+            theirs.close()  # the client's now (or nobody's: its thread sees EOF)
+
     def _send_record(self, record: bytes) -> None:
         self._send_bytes(rpc.frame(record))
 
@@ -546,6 +593,8 @@ class Connection:
 
     def _send_unlocked(self, data: bytes | bytearray) -> None:
         """Send without the send lock: only when no other thread can be sending."""
+        if not data:
+            return  # the reply went out already (OpenChannel)
         try:
             if self._fast is not None:
                 # The C fast path's own lock: its replies may go out from other threads.

@@ -298,6 +298,10 @@ _TABLE_V4_NEW: tuple[tuple[int, str, str, str], ...] = (
     (91, "VerifyMessageBegin", "session:H parameter:TP", _RV),
     (92, "VerifyMessageNext", "session:H parameter:TP data:O final:H signature:O", _RV),
     (93, "MessageVerifyFinal", "session:H", _RV),
+    # Not a PKCS#11 function: a further connection to this worker for one client
+    # thread, passed back with the reply (SCM_RIGHTS; Unix-socket connections
+    # only).  docs/protocol.md, server/channels.py.
+    (94, "OpenChannel", "", _RV),
 )
 
 _TABLE_V4: tuple[tuple[int, str, str, str], ...] = (
@@ -320,4 +324,4 @@ NAMES_BY_VERSION: dict[int, dict[str, Procedure]] = {
     VERSION_P11GUARD: BY_NAME_V4,
 }
 
-assert sorted(TABLES[VERSION_P11GUARD]) == list(range(2, 94))
+assert sorted(TABLES[VERSION_P11GUARD]) == list(range(2, 95))
