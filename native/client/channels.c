@@ -33,13 +33,13 @@
 
 struct chan {
     struct p11g_conn *conn;
-    unsigned long generation; /* registry generation it was opened in */
-    struct chan *next;        /* registry */
+    struct chan *next; /* registry */
 };
 
 /* Per thread (the pthread key's value). */
 struct slot {
-    struct chan *chan;        /* in the registry while chan->generation is current */
+    struct chan *chan;        /* valid (in the registry) only while chan_gen is current */
+    unsigned long chan_gen;   /* the generation chan was opened in */
     unsigned long refused_in; /* generation + 1 in which no channel is to be had */
 };
 
@@ -75,7 +75,7 @@ static void thread_ends(void *value)
     struct slot *s = value;
     struct chan *ch = NULL;
     pthread_mutex_lock(&g_chan_lock);
-    if (s->chan != NULL && s->chan->generation == g_chan_generation) {
+    if (s->chan != NULL && s->chan_gen == g_chan_generation) {
         ch = s->chan;
         unlink_locked(ch);
     }
@@ -169,13 +169,13 @@ struct p11g_conn *p11g_channel_for_call(struct p11g_conn *c, size_t max_record)
     unsigned long gen = g_chan_generation;
     int enabled = g_chan_enabled;
     if (s != NULL && s->chan != NULL) {
-        struct chan *ch = s->chan;
-        if (ch->generation == gen) {
-            p11g_conn_ref(ch->conn);
+        if (s->chan_gen == gen) {
+            struct p11g_conn *conn = s->chan->conn;
+            p11g_conn_ref(conn);
             pthread_mutex_unlock(&g_chan_lock);
-            return ch->conn; /* a dead one fails the call like the connection would */
+            return conn; /* a dead one fails the call like the connection would */
         }
-        s->chan = NULL; /* closed with its generation */
+        s->chan = NULL; /* closed (and freed) with its generation: never looked at */
     }
     pthread_mutex_unlock(&g_chan_lock);
     if (!enabled || (s != NULL && s->refused_in == gen + 1) ||
@@ -207,10 +207,10 @@ struct p11g_conn *p11g_channel_for_call(struct p11g_conn *c, size_t max_record)
         return NULL;
     }
     ch->conn = conn;
-    ch->generation = gen;
     ch->next = g_chans;
     g_chans = ch;
     s->chan = ch;
+    s->chan_gen = gen;
     p11g_conn_ref(conn);
     pthread_mutex_unlock(&g_chan_lock);
     return conn;

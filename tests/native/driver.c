@@ -9,6 +9,8 @@
  *   driver MODULE threads T N  T threads x N digests on their own sessions, results checked
  *   driver MODULE pair R     R rounds of two concurrent calls (needs the Reorder server)
  *   driver MODULE bench T S  T threads doing RSA-2048 SHA256 signs for S seconds
+ *   driver MODULE chanlife T N  T threads x N digests, kept across a fork, C_Finalize and
+ *                            C_Initialize in the main thread (their channels' life cycle)
  *
  * Prints "FAIL ..." lines and exits non-zero on any unexpected result. */
 #define _GNU_SOURCE
@@ -759,6 +761,78 @@ static int cmd_bench(int nthreads, double seconds)
     return (failures || bad) ? 1 : 0;
 }
 
+/* ---- chanlife: threads keep their channels across a fork, C_Finalize, C_Initialize -- */
+static pthread_barrier_t g_phase;
+static int digest_burst(CK_SESSION_HANDLE s, int idx, long n)
+{
+    CK_MECHANISM sha = {CKM_SHA256, NULL, 0};
+    int bad = 0;
+    for (long i = 0; i < n; i++) {
+        CK_BYTE data[48], d1[32], d2[32];
+        CK_ULONG l1 = sizeof d1, l2 = sizeof d2;
+        memset(data, idx, sizeof data);
+        data[0] = (CK_BYTE)i;
+        if (F->C_DigestInit(s, &sha) != CKR_OK || F->C_Digest(s, data, sizeof data, d1, &l1) != CKR_OK ||
+            F->C_DigestInit(s, &sha) != CKR_OK || F->C_DigestUpdate(s, data, 5) != CKR_OK ||
+            F->C_DigestUpdate(s, data + 5, sizeof data - 5) != CKR_OK ||
+            F->C_DigestFinal(s, d2, &l2) != CKR_OK || l1 != 32 || memcmp(d1, d2, 32) != 0)
+            bad++;
+    }
+    return bad;
+}
+
+static void *chanlife_thread(void *p)
+{
+    struct tharg *a = p;
+    CK_SESSION_HANDLE s = open_login(a->slot, 0);
+    a->bad += s == 0;
+    a->bad += digest_burst(s, a->idx, a->n); /* overlapping calls: channels open */
+    pthread_barrier_wait(&g_phase);          /* main forks a child that uses the module */
+    pthread_barrier_wait(&g_phase);
+    a->bad += digest_burst(s, a->idx, a->n); /* the parent's channels still work */
+    pthread_barrier_wait(&g_phase);          /* main: C_Finalize, C_Initialize */
+    pthread_barrier_wait(&g_phase);
+    s = open_login(a->slot, 0);              /* sessions went with C_Finalize */
+    a->bad += s == 0;
+    a->bad += digest_burst(s, a->idx, a->n); /* on new channels (or the new connection) */
+    F->C_CloseSession(s);
+    return NULL;
+}
+
+static int cmd_chanlife(int nthreads, long n)
+{
+    pthread_t th[16];
+    struct tharg args[16];
+    CK_C_INITIALIZE_ARGS ia = {0};
+    ia.flags = CKF_OS_LOCKING_OK;
+    if (nthreads > 16)
+        nthreads = 16;
+    EXPECT(F->C_Initialize(&ia), CKR_OK);
+    CK_SLOT_ID slot = find_slot();
+    pthread_barrier_init(&g_phase, NULL, (unsigned)nthreads + 1);
+    for (int i = 0; i < nthreads; i++) {
+        args[i] = (struct tharg){.slot = slot, .n = n, .idx = i};
+        pthread_create(&th[i], NULL, chanlife_thread, &args[i]);
+    }
+    pthread_barrier_wait(&g_phase);
+    CHECK(run_child(1) == 0); /* a child: its own connection, the parent's untouched */
+    pthread_barrier_wait(&g_phase);
+    pthread_barrier_wait(&g_phase);
+    EXPECT(F->C_Finalize(NULL), CKR_OK);
+    EXPECT(F->C_Initialize(&ia), CKR_OK);
+    pthread_barrier_wait(&g_phase);
+    int bad = 0;
+    for (int i = 0; i < nthreads; i++) {
+        pthread_join(th[i], NULL);
+        bad += args[i].bad;
+    }
+    EXPECT(F->C_Finalize(NULL), CKR_OK);
+    pthread_barrier_destroy(&g_phase);
+    CHECK(bad == 0);
+    printf("chanlife done, %d bad results, %d failures\n", bad, failures);
+    return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -796,6 +870,8 @@ int main(int argc, char **argv)
         return cmd_threads(argc > 3 ? atoi(argv[3]) : 4, argc > 4 ? atol(argv[4]) : 100);
     if (strcmp(cmd, "pair") == 0)
         return cmd_pair(argc > 3 ? atoi(argv[3]) : 50);
+    if (strcmp(cmd, "chanlife") == 0)
+        return cmd_chanlife(argc > 3 ? atoi(argv[3]) : 3, argc > 4 ? atol(argv[4]) : 200);
     if (strcmp(cmd, "bench") == 0)
         return cmd_bench(argc > 3 ? atoi(argv[3]) : 1, argc > 4 ? atof(argv[4]) : 5.0);
     fprintf(stderr, "unknown command %s\n", cmd);

@@ -1,0 +1,160 @@
+"""Channels (server/channels.py, native/client/channels.c): a client thread that
+overlaps calls with another gets a connection of its own to the same worker.
+
+Through the real path: libp11guard.so -> p11guard over a Unix socket -> SoftHSM2,
+and OpenChannel on the wire by hand."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p11guard.client import WireClient
+from p11guard.pkcs11 import constants as c
+from p11guard.wire import rpc
+from p11guard.wire.codec import CODECS_BY_VERSION
+from p11guard.wire.procedures import ARCH_LITTLE_ENDIAN_64, BY_NAME_V4, PROGRAM
+from tests.native.support import build_all, run_driver, sanitizer_report
+from tests.support.servers import Server, start_server
+from tests.support.softhsm import Token
+
+OPEN_CHANNEL = BY_NAME_V4["OpenChannel"].number
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    build_all()
+
+
+def _start(token: Token, workdir: Path, *, unix: bool = True) -> Server:
+    return start_server("p11guard", token, workdir, unix=unix, extra_args=("--verbose",))
+
+
+@pytest.fixture
+def unix_server(token: Token, tmp_path: Path) -> Iterator[Server]:
+    server = _start(token, tmp_path / "unix")
+    yield server
+    server.stop()
+
+
+def _channels_opened(server: Server) -> list[int]:
+    """Per finished worker, the channels it opened (from its debug line)."""
+    return [int(n) for n in re.findall(r"done: \d+ calls, (\d+) channel\(s\)", server.log_text())]
+
+
+def _driver_env(server: Server, token: Token, **extra: str) -> dict[str, str]:
+    return server.client_env(P11G_TOKEN=token.label, P11G_PIN=token.user_pin, **extra)
+
+
+def test_overlapping_threads_get_channels(unix_server: Server, token: Token) -> None:
+    """Four threads of checked digests (ASan build): they overlap, so they get channels,
+    and every result is right."""
+    proc = run_driver(["threads", "4", "150"], _driver_env(unix_server, token), asan=True)
+    assert sanitizer_report(proc) is None, sanitizer_report(proc)
+    assert "threads done, 0 bad results, 0 failures" in proc.stdout, proc.stdout + proc.stderr
+    unix_server.stop()
+    opened = _channels_opened(unix_server)
+    assert opened and max(opened) >= 1, unix_server.log_text()[-3000:]
+
+
+def test_channels_survive_fork_finalize_and_initialize(unix_server: Server, token: Token) -> None:
+    """Threads keep their channels while the main thread forks a child that uses the
+    module (the child drops the parent's channels without touching them), then
+    C_Finalize + C_Initialize (the threads' channels are closed; they get new ones)."""
+    proc = run_driver(["chanlife", "3", "150"], _driver_env(unix_server, token), asan=True)
+    assert sanitizer_report(proc) is None, sanitizer_report(proc)
+    assert "chanlife done, 0 bad results, 0 failures" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_two_signing_threads(unix_server: Server, token: Token) -> None:
+    """RSA signs from two threads: right answers, on channels (the benchmark's case)."""
+    proc = run_driver(["bench", "2", "1.5"], _driver_env(unix_server, token))
+    assert re.search(r"rate=[\d.]+ bad=0", proc.stdout), proc.stdout + proc.stderr
+    unix_server.stop()
+    assert max(_channels_opened(unix_server), default=0) >= 1, unix_server.log_text()[-3000:]
+
+
+def test_channels_off_by_environment(unix_server: Server, token: Token) -> None:
+    proc = run_driver(["threads", "4", "100"],
+                      _driver_env(unix_server, token, PKCS11PROXY_CHANNELS="0"))
+    assert "threads done, 0 bad results, 0 failures" in proc.stdout, proc.stdout + proc.stderr
+    unix_server.stop()
+    assert _channels_opened(unix_server) and max(_channels_opened(unix_server)) == 0
+
+
+def test_bad_channels_setting_is_a_clear_error(unix_server: Server, token: Token) -> None:
+    proc = run_driver(["init"], _driver_env(unix_server, token, PKCS11PROXY_CHANNELS="maybe"))
+    assert "init rv=0x5 " in proc.stdout, proc.stdout
+    assert "bad PKCS11PROXY_CHANNELS" in proc.stderr
+
+
+def test_no_channels_over_tcp(token: Token, tmp_path: Path) -> None:
+    """TCP cannot carry a descriptor: threads share the connection, as before."""
+    server = _start(token, tmp_path / "tcp", unix=False)
+    try:
+        proc = run_driver(["threads", "4", "100"], _driver_env(server, token))
+        assert "threads done, 0 bad results, 0 failures" in proc.stdout, proc.stdout
+    finally:
+        server.stop()
+    assert _channels_opened(server) and max(_channels_opened(server)) == 0
+
+
+# -- OpenChannel on the wire --------------------------------------------------------------
+
+
+def _ready(address: str) -> tuple[WireClient, int]:
+    """A version-4 connection with the module initialised and a session open."""
+    client = WireClient.connect(address, version=4)
+    assert client.rv("SetupArch", ARCH_LITTLE_ENDIAN_64) == ARCH_LITTLE_ENDIAN_64
+    assert client.rv("LoadModule", b"softhsm") == c.CKR_OK
+    assert client.rv("Initialize", 0) == c.CKR_OK
+    _, slots, _ = client.call("GetSlotList", 1, 16)
+    rv, session = client.call("OpenSession", slots[0], c.CKF_SERIAL_SESSION)
+    assert rv == c.CKR_OK
+    return client, int(session)
+
+
+def _open_channel(client: WireClient, xid: int = 77) -> tuple[int, socket.socket | None]:
+    """Send OpenChannel; (rv, the passed socket or None)."""
+    client.send_raw(rpc.frame(rpc.call(xid, PROGRAM, 4, OPEN_CHANNEL, b"")))
+    data, fds, _, _ = socket.recv_fds(client.sock, 4096, 2)
+    chan = socket.socket(fileno=fds[0]) if fds else None
+    for extra in fds[1:]:
+        socket.close(extra)
+    reply = rpc.parse_reply(data[4:])
+    assert reply.xid == xid and reply.accept_stat == rpc.AcceptStat.SUCCESS
+    (rv,) = CODECS_BY_VERSION[4][OPEN_CHANNEL].result.decode(data[4 + reply.body_offset:],
+                                                              client.limits)
+    return int(rv), chan
+
+
+def test_open_channel_on_the_wire(unix_server: Server) -> None:
+    """The reply carries a connected socket; on it version 4 works at once (no
+    SetupArch) with the worker's state: the session opened on the first
+    connection.  Closing the first connection ends the channel too."""
+    client, session = _ready(unix_server.address)
+    rv, chan = _open_channel(client)
+    assert rv == c.CKR_OK and chan is not None
+    with WireClient(chan, version=4) as channel:
+        rv, info = channel.call("GetSessionInfo", session)
+        assert rv == c.CKR_OK
+        assert client.call("GetSessionInfo", session)[0] == c.CKR_OK  # both at once
+        client.close()
+        chan.settimeout(10)
+        assert chan.recv(1) == b""  # the worker ended, and its channels with it
+
+
+def test_open_channel_over_tcp_is_not_supported(token: Token, tmp_path: Path) -> None:
+    server = _start(token, tmp_path / "tcp", unix=False)
+    try:
+        client, _ = _ready(server.address)
+        rv, chan = _open_channel(client)
+        assert rv == c.CKR_FUNCTION_NOT_SUPPORTED and chan is None
+        assert client.rv("GetInfo") is not None  # the connection goes on
+        client.close()
+    finally:
+        server.stop()
