@@ -11,10 +11,13 @@
  * login.  From then on that thread's calls go over its channel, one at a time,
  * with nobody else's replies in the way.
  *
- * Only a plain Unix-socket connection can carry a channel; a server that
- * offers none (TCP, TLS, Caml Crush, a limit reached) answers otherwise and
- * the thread shares the connection for the rest of this initialisation.
- * PKCS11PROXY_CHANNELS=0 turns channels off.
+ * Over TCP the reply is a ticket instead: the thread connects to the proxy
+ * again and presents it in JoinChannel, the new connection's first call; the
+ * listener routes that connection to our worker.  TLS has no channels (a TLS
+ * session cannot move between processes), and a server that offers none
+ * (Caml Crush, a limit reached) answers otherwise: the thread then shares the
+ * connection for the rest of this initialisation.  PKCS11PROXY_CHANNELS=0
+ * turns channels off.
  *
  * Ownership: the registry below holds each channel; a thread finds its own
  * through a pthread key (whose destructor closes it when the thread ends).
@@ -47,6 +50,7 @@ static pthread_mutex_t g_chan_lock = PTHREAD_MUTEX_INITIALIZER; /* everything be
 static struct chan *g_chans;
 static unsigned long g_chan_generation;
 static int g_chan_enabled;
+static struct p11g_config g_chan_cfg; /* where a TCP channel connects (the proxy) */
 static pthread_mutex_t g_open_lock = PTHREAD_MUTEX_INITIALIZER; /* one OpenChannel at a time */
 static pthread_once_t g_key_once = PTHREAD_ONCE_INIT;
 static pthread_key_t g_key;
@@ -87,10 +91,11 @@ static void thread_ends(void *value)
 
 static void make_key(void) { g_key_ok = pthread_key_create(&g_key, thread_ends) == 0; }
 
-void p11g_channels_configure(int enabled)
+void p11g_channels_configure(const struct p11g_config *cfg)
 {
     pthread_mutex_lock(&g_chan_lock);
-    g_chan_enabled = enabled;
+    g_chan_enabled = cfg->channels && !cfg->serial && !cfg->tls;
+    g_chan_cfg = *cfg;
     pthread_mutex_unlock(&g_chan_lock);
 }
 
@@ -133,11 +138,43 @@ void p11g_channels_unload(void)
     }
 }
 
+#define TICKET_SIZE 32 /* server/channels.py */
+
+/* TCP: a new connection to the proxy whose first call, JoinChannel(ticket), makes
+ * it a channel of our worker.  NULL if anything fails. */
+static struct p11g_conn *join_channel(const uint8_t *ticket, size_t max_record)
+{
+    pthread_mutex_lock(&g_chan_lock);
+    struct p11g_config cfg = g_chan_cfg;
+    pthread_mutex_unlock(&g_chan_lock);
+    struct p11g_conn *ch = NULL;
+    char err[256];
+    if (p11g_conn_open(&cfg, &ch, err, sizeof err) != P11G_OK)
+        return NULL; /* the main connection still works: no need to say more */
+    p11g_conn_fix_version(ch, P11G_RPC_VERSION4);
+    struct p11g_arg a[1];
+    struct p11g_res r[1];
+    struct p11g_reply rep;
+    memset(a, 0, sizeof a);
+    a[0].ptr = ticket;
+    a[0].len = TICKET_SIZE;
+    int e = p11g_rpc(ch, P11G_PROC_JoinChannel, a, r, &rep, max_record);
+    if (e == P11G_OK) {
+        uint64_t rv = r[0].h;
+        p11g_reply_free(&rep);
+        if (rv == CKR_OK)
+            return ch;
+    }
+    p11g_conn_kill(ch);
+    p11g_conn_unref(ch);
+    return NULL;
+}
+
 /* Ask the worker for a channel over `c`; NULL when there is none to be had. */
 static struct p11g_conn *open_channel(struct p11g_conn *c, size_t max_record)
 {
     struct p11g_arg a[1];
-    struct p11g_res r[1];
+    struct p11g_res r[2];
     struct p11g_reply rep;
     memset(a, 0, sizeof a);
     pthread_mutex_lock(&g_open_lock);
@@ -150,12 +187,18 @@ static struct p11g_conn *open_channel(struct p11g_conn *c, size_t max_record)
         return NULL;
     }
     uint64_t rv = r[0].h;
+    uint8_t ticket[TICKET_SIZE];
+    int has_ticket = r[1].len == TICKET_SIZE;
+    if (has_ticket)
+        memcpy(ticket, r[1].ptr, TICKET_SIZE);
     p11g_reply_free(&rep);
     struct p11g_conn *ch = NULL;
     if (rv == CKR_OK && fd >= 0 && p11g_conn_adopt(c, fd, P11G_RPC_VERSION4, &ch) == P11G_OK)
-        return ch;
+        return ch; /* Unix: the channel came with the reply */
     if (fd >= 0)
         close(fd);
+    if (rv == CKR_OK && has_ticket && fd < 0)
+        return join_channel(ticket, max_record); /* TCP */
     return NULL;
 }
 

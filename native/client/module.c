@@ -290,7 +290,7 @@ P11G_EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
         pthread_mutex_unlock(&g_init_lock);
         return rv;
     }
-    p11g_channels_configure(cfg.channels && !cfg.serial);
+    p11g_channels_configure(&cfg);
     pthread_mutex_lock(&g_lock);
     g_conn = c;
     g_max_record = cfg.max_record;

@@ -105,10 +105,12 @@ P11G_HIDDEN int p11g_conn_adopt(const struct p11g_conn *main, int fd, unsigned v
                                 struct p11g_conn **out);
 /* Is a call in flight on c (another thread is using it)? */
 P11G_HIDDEN int p11g_conn_busy(struct p11g_conn *c);
-/* Could the server pass a channel over c (a plain Unix socket, not a channel)? */
+/* Could c ask for a channel (a plain socket, not TLS, not a channel itself)? */
 P11G_HIDDEN int p11g_conn_may_carry_channel(const struct p11g_conn *c);
 /* A channel's fixed protocol version; 0 for a negotiated connection. */
 P11G_HIDDEN unsigned p11g_conn_fixed_version(const struct p11g_conn *c);
+/* Before c's first call: it speaks `version` without negotiating (a channel). */
+P11G_HIDDEN void p11g_conn_fix_version(struct p11g_conn *c, unsigned version);
 /* The descriptor the server passed on c (-1: none); the caller owns it. */
 P11G_HIDDEN int p11g_conn_take_fd(struct p11g_conn *c);
 
@@ -193,7 +195,8 @@ P11G_HIDDEN CK_RV p11g_acquire(struct p11g_conn **c, size_t *max_record);
  * `c` is busy with another thread's call and the server offers channels; NULL:
  * use c. */
 P11G_HIDDEN struct p11g_conn *p11g_channel_for_call(struct p11g_conn *c, size_t max_record);
-P11G_HIDDEN void p11g_channels_configure(int enabled);
+/* After a successful C_Initialize: where channels connect, and whether at all. */
+P11G_HIDDEN void p11g_channels_configure(const struct p11g_config *cfg);
 /* Closes every channel (C_Finalize, reconnection, unload). */
 P11G_HIDDEN void p11g_channels_close_all(void);
 P11G_HIDDEN void p11g_channels_atfork_prepare(void);

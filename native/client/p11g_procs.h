@@ -247,8 +247,8 @@ static const struct p11g_struct_desc p11g_structs[P11G_STRUCT_COUNT] = {
 #define P11G_RPC_VERSION4 4
 #define P11G_OUT_LEN_NULL 0xFFFFFFFFFFFFFFFFull
 #define P11G_PROC4_MIN 2
-#define P11G_PROC4_MAX 94
-#define P11G_PROC4_COUNT 93
+#define P11G_PROC4_MAX 95
+#define P11G_PROC4_COUNT 94
 #define P11G_PROC_GetInterfaceInfo 71
 #define P11G_PROC_LoginUser 72
 #define P11G_PROC_SessionCancel 73
@@ -273,6 +273,7 @@ static const struct p11g_struct_desc p11g_structs[P11G_STRUCT_COUNT] = {
 #define P11G_PROC_VerifyMessageNext 92
 #define P11G_PROC_MessageVerifyFinal 93
 #define P11G_PROC_OpenChannel 94
+#define P11G_PROC_JoinChannel 95
 
 /* Indexed by procedure number - P11G_PROC4_MIN. */
 static const struct p11g_proc_desc p11g_procs4[P11G_PROC4_COUNT] = {
@@ -368,7 +369,8 @@ static const struct p11g_proc_desc p11g_procs4[P11G_PROC4_COUNT] = {
     {.number = 91, .name = "VerifyMessageBegin", .args = "HY", .result = "H"},
     {.number = 92, .name = "VerifyMessageNext", .args = "HYOHO", .result = "H"},
     {.number = 93, .name = "MessageVerifyFinal", .args = "H", .result = "H"},
-    {.number = 94, .name = "OpenChannel", .args = "", .result = "H"},
+    {.number = 94, .name = "OpenChannel", .args = "", .result = "HO"},
+    {.number = 95, .name = "JoinChannel", .args = "O", .result = "H"},
 };
 
 /* Typed mechanism parameters: tags (wire/mechanisms.py). */

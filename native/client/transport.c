@@ -524,10 +524,12 @@ int p11g_conn_busy(struct p11g_conn *c)
 
 int p11g_conn_may_carry_channel(const struct p11g_conn *c)
 {
-    return c->is_unix && c->fixed_version == 0;
+    return c->tls == NULL && c->fixed_version == 0;
 }
 
 unsigned p11g_conn_fixed_version(const struct p11g_conn *c) { return c->fixed_version; }
+
+void p11g_conn_fix_version(struct p11g_conn *c, unsigned version) { c->fixed_version = version; }
 
 int p11g_conn_take_fd(struct p11g_conn *c) { return atomic_exchange(&c->passed_fd, -1); }
 

@@ -1,8 +1,8 @@
 """Channels (server/channels.py, native/client/channels.c): a client thread that
 overlaps calls with another gets a connection of its own to the same worker.
 
-Through the real path: libp11guard.so -> p11guard over a Unix socket -> SoftHSM2,
-and OpenChannel on the wire by hand."""
+Through the real path: libp11guard.so -> p11guard over a Unix socket or TCP ->
+SoftHSM2, and OpenChannel / JoinChannel on the wire by hand."""
 
 from __future__ import annotations
 
@@ -92,15 +92,17 @@ def test_bad_channels_setting_is_a_clear_error(unix_server: Server, token: Token
     assert "bad PKCS11PROXY_CHANNELS" in proc.stderr
 
 
-def test_no_channels_over_tcp(token: Token, tmp_path: Path) -> None:
-    """TCP cannot carry a descriptor: threads share the connection, as before."""
+def test_channels_over_tcp(token: Token, tmp_path: Path) -> None:
+    """Over TCP a thread's channel is a new connection, routed by the listener to the
+    same worker (ticket + JoinChannel); checked results, ASan build."""
     server = _start(token, tmp_path / "tcp", unix=False)
     try:
-        proc = run_driver(["threads", "4", "100"], _driver_env(server, token))
-        assert "threads done, 0 bad results, 0 failures" in proc.stdout, proc.stdout
+        proc = run_driver(["chanlife", "3", "150"], _driver_env(server, token), asan=True)
+        assert sanitizer_report(proc) is None, sanitizer_report(proc)
+        assert "chanlife done, 0 bad results, 0 failures" in proc.stdout, proc.stdout
     finally:
         server.stop()
-    assert _channels_opened(server) and max(_channels_opened(server)) == 0
+    assert max(_channels_opened(server), default=0) >= 1, server.log_text()[-3000:]
 
 
 # -- OpenChannel on the wire --------------------------------------------------------------
@@ -119,7 +121,7 @@ def _ready(address: str) -> tuple[WireClient, int]:
 
 
 def _open_channel(client: WireClient, xid: int = 77) -> tuple[int, socket.socket | None]:
-    """Send OpenChannel; (rv, the passed socket or None)."""
+    """Send OpenChannel over a Unix socket; (rv, the passed socket or None)."""
     client.send_raw(rpc.frame(rpc.call(xid, PROGRAM, 4, OPEN_CHANNEL, b"")))
     data, fds, _, _ = socket.recv_fds(client.sock, 4096, 2)
     chan = socket.socket(fileno=fds[0]) if fds else None
@@ -127,8 +129,9 @@ def _open_channel(client: WireClient, xid: int = 77) -> tuple[int, socket.socket
         socket.close(extra)
     reply = rpc.parse_reply(data[4:])
     assert reply.xid == xid and reply.accept_stat == rpc.AcceptStat.SUCCESS
-    (rv,) = CODECS_BY_VERSION[4][OPEN_CHANNEL].result.decode(data[4 + reply.body_offset:],
-                                                              client.limits)
+    rv, ticket = CODECS_BY_VERSION[4][OPEN_CHANNEL].result.decode(
+        data[4 + reply.body_offset:], client.limits)
+    assert ticket == b""  # over a Unix socket the channel itself comes
     return int(rv), chan
 
 
@@ -140,7 +143,7 @@ def test_open_channel_on_the_wire(unix_server: Server) -> None:
     rv, chan = _open_channel(client)
     assert rv == c.CKR_OK and chan is not None
     with WireClient(chan, version=4) as channel:
-        rv, info = channel.call("GetSessionInfo", session)
+        rv, _ = channel.call("GetSessionInfo", session)
         assert rv == c.CKR_OK
         assert client.call("GetSessionInfo", session)[0] == c.CKR_OK  # both at once
         client.close()
@@ -148,13 +151,38 @@ def test_open_channel_on_the_wire(unix_server: Server) -> None:
         assert chan.recv(1) == b""  # the worker ended, and its channels with it
 
 
-def test_open_channel_over_tcp_is_not_supported(token: Token, tmp_path: Path) -> None:
+def _join(address: str, ticket: bytes) -> tuple[int, WireClient]:
+    """A new connection whose first call is JoinChannel(ticket): (rv, the connection)."""
+    joining = WireClient.connect(address, version=4)
+    return joining.rv("JoinChannel", ticket), joining
+
+
+def test_join_channel_over_tcp_on_the_wire(token: Token, tmp_path: Path) -> None:
+    """OpenChannel answers a ticket; a new connection presenting it joins the same
+    worker (the session is there).  A ticket is good once; a made-up one, or one
+    presented as a later call, is refused and the connection closed."""
     server = _start(token, tmp_path / "tcp", unix=False)
     try:
-        client, _ = _ready(server.address)
-        rv, chan = _open_channel(client)
-        assert rv == c.CKR_FUNCTION_NOT_SUPPORTED and chan is None
-        assert client.rv("GetInfo") is not None  # the connection goes on
+        client, session = _ready(server.address)
+        rv, ticket = client.call("OpenChannel")
+        assert rv == c.CKR_OK and len(ticket) == 32
+        rv, channel = _join(server.address, ticket)
+        assert rv == c.CKR_OK
+        assert channel.call("GetSessionInfo", session)[0] == c.CKR_OK
+        # Used up: the same ticket again is refused.
+        rv, again = _join(server.address, ticket)
+        assert rv == c.CKR_FUNCTION_NOT_SUPPORTED
+        again.sock.settimeout(10)
+        assert again.sock.recv(1) == b""
+        # A made-up ticket naming the worker's pid (its first four bytes).
+        rv, _ = _join(server.address, ticket[:4] + bytes(28))
+        assert rv == c.CKR_FUNCTION_NOT_SUPPORTED
+        # JoinChannel after another call is not a join.
+        rv, fresh = client.call("OpenChannel")
+        assert client.rv("JoinChannel", fresh) == c.CKR_FUNCTION_NOT_SUPPORTED
+        assert client.call("GetSessionInfo", session)[0] == c.CKR_OK
+        channel.close()
         client.close()
     finally:
         server.stop()
+    assert "unknown or expired ticket" in server.log_text()

@@ -135,7 +135,8 @@ class DispatcherV4:
             "VerifyMessageNext": self._verify_message_next,
             # Answered by the connection itself (worker.py, server/channels.py);
             # reached only where it offers no channels.
-            "OpenChannel": lambda args: (CKR_FUNCTION_NOT_SUPPORTED,),
+            "OpenChannel": lambda args: (CKR_FUNCTION_NOT_SUPPORTED, b""),
+            "JoinChannel": lambda args: (CKR_FUNCTION_NOT_SUPPORTED,),
         }
         for name, (method, op) in _MSG_INIT.items():
             special[name] = self._message_init(method, op)
@@ -536,6 +537,6 @@ assert all(
     p.name in _SPECS or p.name in _METHODS or p.name in {
         "SetupArch", "LoadModule", "Initialize", "Finalize", "GetSlotList",
         "GetMechanismList", "GetAttributeValue", "FindObjects", "GenerateRandom",
-        "InitToken", "GetInterfaceInfo", "OpenChannel"}
+        "InitToken", "GetInterfaceInfo", "OpenChannel", "JoinChannel"}
     for p in procs.PROCEDURES_V4
 )

@@ -68,6 +68,15 @@ class Spare:
 
 
 @dataclass
+class WorkerLink:
+    """Our end of a worker's control socket, kept after the hand-off: connections
+    joining as channels are routed through it (server/channels.py)."""
+
+    pid: int
+    ctrl: socket.socket
+
+
+@dataclass
 class ListenerStats:
     accepted: int = 0
     refused: int = 0
@@ -76,6 +85,8 @@ class ListenerStats:
     handed_off: int = 0  # connections served by a spare
     forked_on_accept: int = 0
     spares_lost: int = 0  # spares that died without a connection (not at shutdown)
+    joins_routed: int = 0  # connections passed on to the worker they join as a channel
+    links: dict[int, WorkerLink] = field(default_factory=dict)  # pid -> its control socket
 
 
 def bind(spec: Listener) -> BoundListener:
@@ -125,7 +136,8 @@ def adopt(sock: socket.socket, specs: list[Listener]) -> tuple[BoundListener, Li
     return BoundListener(Listener("tcp", host=host, port=port), sock, inherited=True), None
 
 
-WorkerMain = Callable[[socket.socket, str, BoundListener], None]
+# (connection, peer, listener, the worker's control socket to the listener)
+WorkerMain = Callable[[socket.socket, str, BoundListener, socket.socket | None], None]
 
 # Process names (ps, /proc/PID/comm): a spare waiting for its connection, a worker.
 SPARE_NAME = "p11guard-spare"
@@ -180,6 +192,8 @@ class Server:
                         self._drain_wakeups()
                     elif isinstance(key.data, Spare):
                         self._spare_says(key.data)
+                    elif isinstance(key.data, WorkerLink):
+                        self._worker_says(key.data)
                     else:
                         self._accept(key.data)
                 self._reap()
@@ -189,6 +203,8 @@ class Server:
             self._close_listeners()
             self._stop_spares()
             self._drain_workers()
+            for pid in list(self.stats.links):
+                self._drop_link(pid)
             signal.set_wakeup_fd(old_fd)
 
     # -- accepting --------------------------------------------------------------
@@ -228,7 +244,8 @@ class Server:
                 os.kill(spare.pid, signal.SIGKILL)  # reaped (and replaced) as a lost spare
             return False
         conn.close()
-        self._let_go(spare)
+        self._keep_link(spare.pid, spare.ctrl)
+        spare.ctrl = None
         del self.stats.spares[spare.pid]
         self.stats.workers[spare.pid] = time.monotonic()
         self.stats.handed_off += 1
@@ -241,15 +258,26 @@ class Server:
         return min(ready, key=lambda s: s.started) if ready else None
 
     def _fork_worker(self, conn: socket.socket, peer: str, bl: BoundListener) -> None:
-        pid = os.fork()
+        ours, theirs = prefork.control_pair()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("cannot fork a worker for %s: %s", peer, exc)
+            for sock in (ours, theirs, conn):
+                sock.close()
+            return
         if pid == 0:  # the worker
+            ours.close()
+
             def serve() -> None:
                 prefork.set_process_name(WORKER_NAME)
                 conn.setblocking(True)
-                self.worker_main(conn, peer, bl)
+                self.worker_main(conn, peer, bl, theirs)
 
             self._child(serve, f"worker for {peer}")
+        theirs.close()
         conn.close()
+        self._keep_link(pid, ours)
         self.stats.workers[pid] = time.monotonic()
         self.stats.forked_on_accept += 1
         log.debug("worker %d serves %s", pid, peer)
@@ -276,11 +304,15 @@ class Server:
             bl.sock.close()
         self._wake_r.close()
         self._wake_w.close()
-        # The other spares' control sockets: a worker must not be able to feed them.
+        # The other spares' and workers' control sockets: a worker must not be able
+        # to feed them.
         for spare in self.stats.spares.values():
             if spare.ctrl is not None:
                 spare.ctrl.close()
         self.stats.spares.clear()
+        for link in self.stats.links.values():
+            link.ctrl.close()
+        self.stats.links.clear()
         self.stats.workers.clear()
 
     # -- spares -------------------------------------------------------------------
@@ -316,12 +348,64 @@ class Server:
         self._selector.register(ours, selectors.EVENT_READ, spare)
         return True
 
-    def _serve_handed(self, conn: socket.socket, index: int, peer: str) -> None:
+    def _serve_handed(self, conn: socket.socket, index: int, peer: str,
+                      ctrl: socket.socket) -> None:
         """In a spare: serve the connection the listener passed (listener ``index``)."""
         if not 0 <= index < len(self.listeners):
             raise ValueError(f"hand-off names listener {index}, there are {len(self.listeners)}")
         prefork.set_process_name(WORKER_NAME)
-        self.worker_main(conn, peer, self.listeners[index])
+        self.worker_main(conn, peer, self.listeners[index], ctrl)
+
+    # -- workers' control sockets: channels joining over TCP --------------------------
+
+    def _keep_link(self, pid: int, ctrl: socket.socket | None) -> None:
+        if ctrl is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(ctrl)
+        ctrl.setblocking(False)
+        link = WorkerLink(pid, ctrl)
+        self.stats.links[pid] = link
+        self._selector.register(ctrl, selectors.EVENT_READ, link)
+
+    def _drop_link(self, pid: int) -> None:
+        link = self.stats.links.pop(pid, None)
+        if link is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(link.ctrl)
+            link.ctrl.close()
+
+    def _worker_says(self, link: WorkerLink) -> None:
+        """A worker passes a connection that joins another worker as a channel: route
+        it by the pid in its ticket (the target checks the ticket itself).  Anything
+        else, or a message for nobody, is dropped with its descriptors."""
+        try:
+            message, fds, flags, _ = socket.recv_fds(link.ctrl, 256, 2)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            message, fds, flags = b"", [], 0
+        try:
+            if not message and not fds:  # EOF: the worker is exiting
+                self._drop_link(link.pid)
+                return
+            parsed = prefork.parse_join(message, fds, flags)
+            target = None
+            if parsed is not None:
+                target = self.stats.links.get(int.from_bytes(parsed[1][:4], "big"))
+            if target is None or target.pid == link.pid:
+                log.debug("worker %d passed a connection for no worker: dropped", link.pid)
+                return
+            try:
+                socket.send_fds(target.ctrl, [message], fds[:1], socket.MSG_DONTWAIT)
+            except OSError as exc:
+                log.debug("cannot pass a joining connection to worker %d: %s", target.pid, exc)
+                return
+            self.stats.joins_routed += 1
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _spare_says(self, spare: Spare) -> None:
         if spare.ctrl is None:  # handed a connection earlier in this round of events
@@ -391,6 +475,8 @@ class Server:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
+                for pid in list(self.stats.links):
+                    self._drop_link(pid)
                 self.stats.workers.clear()
                 for gone in self.stats.spares.values():
                     self._let_go(gone)
@@ -407,6 +493,7 @@ class Server:
                     self._spare_lost(_exit_description(status) or "exited", pid)
                 continue
             started = self.stats.workers.pop(pid, None)
+            self._drop_link(pid)
             how = _exit_description(status)
             if how is None:
                 if started is not None:

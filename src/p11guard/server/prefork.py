@@ -137,16 +137,66 @@ def receive_connection(ctrl: socket.socket) -> tuple[socket.socket, int, str] | 
 
 
 def run_spare(ctrl: socket.socket, prepare: Callable[[], None] | None,
-              serve: Callable[[socket.socket, int, str], None]) -> None:
-    """The life of a spare: prepare, report ready, wait, then serve one connection."""
+              serve: Callable[[socket.socket, int, str, socket.socket], None]) -> None:
+    """The life of a spare: prepare, report ready, wait, then serve one connection
+    (keeping the control socket: channels join through it)."""
     if prepare is not None:
         prepare()
     with contextlib.suppress(OSError):  # the listener may already have sent a connection
         ctrl.sendall(READY)
     received = receive_connection(ctrl)
-    ctrl.close()
     if received is None:
+        ctrl.close()
         log.debug("spare worker: the listener went away")
         return
     conn, index, peer = received
-    serve(conn, index, peer)
+    serve(conn, index, peer, ctrl)
+
+
+# --- channels joining over TCP (server/channels.py) ------------------------------------
+#
+# A worker whose connection's first call is JoinChannel sends JOIN + the call's XID +
+# the ticket, with the connection, to the listener; the listener sends the same to
+# the worker the ticket names.  Nothing else travels on a worker's control socket.
+
+JOIN = b"J"
+JOIN_MESSAGE_SIZE = 1 + 4 + 32  # JOIN, XID, ticket (channels.TICKET_SIZE)
+
+
+def send_join(ctrl: socket.socket, xid: int, ticket: bytes, conn: socket.socket) -> None:
+    message = JOIN + xid.to_bytes(4, "big") + ticket
+    if len(message) != JOIN_MESSAGE_SIZE:
+        raise ValueError("malformed ticket")
+    if socket.send_fds(ctrl, [message], [conn.fileno()]) != len(message):
+        raise OSError("short join message")
+
+
+def parse_join(message: bytes, fds: list[int], flags: int) -> tuple[int, bytes] | None:
+    """(XID, ticket) of a well-formed join message with its one descriptor; None
+    otherwise (the caller closes whatever descriptors came)."""
+    if (flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) != 1
+            or len(message) != JOIN_MESSAGE_SIZE or message[:1] != JOIN):
+        return None
+    return int.from_bytes(message[1:5], "big"), message[5:]
+
+
+def receive_join(ctrl: socket.socket) -> tuple[int, bytes, socket.socket] | None:
+    """In a worker: wait for a joining connection; None when the listener is gone.
+    A malformed message is dropped (with its descriptors)."""
+    while True:
+        try:
+            message, fds, flags, _ = socket.recv_fds(ctrl, _MAX_MESSAGE, 2)
+        except ConnectionResetError:
+            return None
+        if not message and not fds:
+            return None
+        parsed = parse_join(message, fds, flags)
+        if parsed is None:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    socket.close(fd)
+            log.warning("dropping a malformed message on the control socket")
+            continue
+        conn = socket.socket(fileno=fds[0])
+        conn.setblocking(True)
+        return parsed[0], parsed[1], conn

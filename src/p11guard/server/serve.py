@@ -19,12 +19,12 @@ from ..config.server import ConfigError, ServerConfig
 from ..policy.engine import EngineContext, wrap_module
 from ..wire.codec import Limits
 from . import prefork, sandbox, systemd
+from .channels import Channels, peer_host
 from .dispatch import Dispatcher
 from .dispatch_v4 import DispatcherV4
 from .identity import Gate, guard_load_module
 from .listener import BoundListener, Server, adopt, bind
 from .tls import listener_uses_tls, server_context
-from .channels import Channels
 from .worker import Connection, Handler, WorkerSettings
 
 log = logging.getLogger("p11guard")
@@ -152,7 +152,8 @@ class WorkerProgram:
         module = self._preloaded.pop(path, None)
         return module if module is not None else Module(path)
 
-    def __call__(self, conn: socket.socket, peer: str, bl: BoundListener) -> None:
+    def __call__(self, conn: socket.socket, peer: str, bl: BoundListener,
+                 control: socket.socket | None = None) -> None:
         config, options, limits, matcher = self.config, self.options, self.limits, self.matcher
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -195,7 +196,8 @@ class WorkerProgram:
 
         # A module that cannot take calls from several threads gets no channels.
         channels = Channels(serve_channel, limit=self.settings.max_channels,
-                            available=lambda: not dispatcher.serial)
+                            available=lambda: not dispatcher.serial, control=control,
+                            host=peer_host(conn) if not bl.tls else None)
         connection = Connection(admission.stream, handler, self.settings, handlers,
                                 fast_plan=dispatcher.fast_plan, channels=channels)
         signal.signal(signal.SIGTERM, lambda *_: connection.shutdown())

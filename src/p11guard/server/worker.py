@@ -49,14 +49,15 @@ from ..wire.procedures import BY_NAME, PROGRAM, TABLES, VERSION_CAMLCRUSH, VERSI
 from ..wire.rpc import RecordReader
 from ..wire.xdr import Packer, XdrError
 from . import fastpath
-from .channels import DEFAULT_MAX_CHANNELS, Channels
+from .channels import DEFAULT_MAX_CHANNELS, Channels, join_reply
 
 log = logging.getLogger("p11guard.worker")
 
 CKR_GENERAL_ERROR = 0x5
 CKR_FUNCTION_NOT_SUPPORTED = 0x54
-OPEN_CHANNEL = TABLES[VERSION_P11GUARD][94]
-assert OPEN_CHANNEL.name == "OpenChannel"
+OPEN_CHANNEL, JOIN_CHANNEL = TABLES[VERSION_P11GUARD][94], TABLES[VERSION_P11GUARD][95]
+assert (OPEN_CHANNEL.name, JOIN_CHANNEL.name) == ("OpenChannel", "JoinChannel")
+CHANNEL_PROCEDURES = frozenset({OPEN_CHANNEL.number, JOIN_CHANNEL.number})
 RECV_SIZE = 256 * 1024
 
 # Procedures that only read or set bookkeeping in the module (no cryptography,
@@ -137,10 +138,9 @@ class Connection:
         self._recv_into = getattr(sock, "recv_into", None)
         # The handler of self.version.
         self._handler = handler if version is None else self.handlers[version]
-        # OpenChannel (version 4) is answered here, with a descriptor: only on a
-        # plain Unix socket, the one kind that can carry it (server/channels.py).
-        self._channels = channels if (isinstance(sock, socket.socket)
-                                      and sock.family == socket.AF_UNIX) else None
+        # OpenChannel and JoinChannel (version 4) are answered here, on plain
+        # sockets only: a TLS session cannot move (server/channels.py).
+        self._channels = channels if isinstance(sock, socket.socket) else None
         self._concurrent_until = 0.0  # monotonic time until which long calls are handed off
         # Calls running on threads other than the leader (until their reply is
         # sent), and those of them whose reply is not computed yet.
@@ -525,9 +525,10 @@ class Connection:
     def _reply(self, xid: int, number: int, body: memoryview) -> bytes | bytearray:
         """Decode, run and encode one call: the framed reply, ready to send (empty:
         sent already)."""
-        if number == OPEN_CHANNEL.number and self.version == VERSION_P11GUARD:
-            self._open_channel(xid)
-            return b""
+        if number in CHANNEL_PROCEDURES and self.version == VERSION_P11GUARD:
+            if number == OPEN_CHANNEL.number:
+                return self._open_channel(xid)
+            return self._join_channel(xid, body)
         codec = self._codecs[number]
         try:
             args = codec.args.decode(body, self.settings.limits)
@@ -554,21 +555,28 @@ class Connection:
         return rpc.frame(rpc.success_reply_header(xid) +
                          bytes(buf[rpc.FRAMED_REPLY_HEADER_SIZE:]))
 
-    def _open_channel(self, xid: int) -> None:
-        """OpenChannel: a further connection to this worker, its client end sent
-        with the reply (SCM_RIGHTS); CKR_FUNCTION_NOT_SUPPORTED when there is none
-        (not a Unix socket, limit reached): the client goes on sharing this one."""
-        theirs = self._channels.open() if self._channels is not None else None
-        rv = CKR_FUNCTION_NOT_SUPPORTED if theirs is None else 0
+    def _open_channel(self, xid: int) -> bytes | bytearray:
+        """OpenChannel: a further connection to this worker for one client thread.
+        Unix: its client end goes with the reply (SCM_RIGHTS), which is sent here
+        (b"" returned).  TCP: a ticket for JoinChannel.  Otherwise (TLS, limit
+        reached) CKR_FUNCTION_NOT_SUPPORTED: the client goes on sharing this one."""
+        channels = self._channels
+        theirs: socket.socket | None = None
+        ticket: bytes | None = None
+        if channels is not None and isinstance(self.sock, socket.socket):
+            if self.sock.family == socket.AF_UNIX:
+                theirs = channels.open()
+            else:
+                ticket = channels.ticket()
+        ok = theirs is not None or ticket is not None
         buf = rpc.new_reply_buffer()
         CODECS_BY_VERSION[VERSION_P11GUARD][OPEN_CHANNEL.number].result.encode_into(
-            Packer(buf), (rv,))
+            Packer(buf), (0 if ok else CKR_FUNCTION_NOT_SUPPORTED, ticket or b""))
         self._python_calls += 1
         if not rpc.finish_reply(buf, xid):
-            raise AssertionError("an rv-only reply is one fragment")
+            raise AssertionError("a short reply is one fragment")
         if theirs is None:
-            self._send_bytes(buf)
-            return
+            return buf
         try:
             with self._send:
                 if self._fast is not None:  # under C's send lock: its replies too
@@ -583,6 +591,25 @@ class Connection:
             self.shutdown()
         finally:
             theirs.close()  # the client's now (or nobody's: its thread sees EOF)
+        return b""
+
+    def _join_channel(self, xid: int, body: memoryview) -> bytes | bytearray:
+        """JoinChannel, the first call of a TCP connection: pass the connection to
+        the worker its ticket names (it answers there); this one is then done, and
+        must not shut the socket down (the other worker has it now)."""
+        codec = self._codecs[JOIN_CHANNEL.number]
+        self._python_calls += 1
+        try:
+            (ticket,) = codec.args.decode(body, self.settings.limits)
+        except XdrError:
+            return rpc.frame(rpc.garbage_args_reply(xid))
+        first = self._python_calls == 1 and (self._fast is None or not self._fast.served_calls)
+        if (first and self._channels is not None and isinstance(self.sock, socket.socket)
+                and self.sock.family != socket.AF_UNIX
+                and self._channels.forward(xid, bytes(ticket), self.sock)):
+            self._closed = True  # the loop ends; our descriptor is closed, not shut down
+            return b""
+        return join_reply(xid, CKR_FUNCTION_NOT_SUPPORTED)
 
     def _send_record(self, record: bytes) -> None:
         self._send_bytes(rpc.frame(record))

@@ -298,10 +298,12 @@ _TABLE_V4_NEW: tuple[tuple[int, str, str, str], ...] = (
     (91, "VerifyMessageBegin", "session:H parameter:TP", _RV),
     (92, "VerifyMessageNext", "session:H parameter:TP data:O final:H signature:O", _RV),
     (93, "MessageVerifyFinal", "session:H", _RV),
-    # Not a PKCS#11 function: a further connection to this worker for one client
-    # thread, passed back with the reply (SCM_RIGHTS; Unix-socket connections
-    # only).  docs/protocol.md, server/channels.py.
-    (94, "OpenChannel", "", _RV),
+    # Not PKCS#11 functions: a further connection to this worker for one client
+    # thread (docs/protocol.md, server/channels.py).  Over a Unix socket the reply
+    # carries the connection itself (SCM_RIGHTS, empty ticket); over TCP a ticket,
+    # which the client presents in JoinChannel, the first call of a new connection.
+    (94, "OpenChannel", "", "rv:H ticket:O"),
+    (95, "JoinChannel", "ticket:O", _RV),
 )
 
 _TABLE_V4: tuple[tuple[int, str, str, str], ...] = (
@@ -324,4 +326,4 @@ NAMES_BY_VERSION: dict[int, dict[str, Procedure]] = {
     VERSION_P11GUARD: BY_NAME_V4,
 }
 
-assert sorted(TABLES[VERSION_P11GUARD]) == list(range(2, 95))
+assert sorted(TABLES[VERSION_P11GUARD]) == list(range(2, 96))
