@@ -60,7 +60,7 @@ QUICK_LOAD = "t2,p32"  # --quick: the two scenarios the targets name
 # parallel; sessioninfo: no work at all, so this shows the proxy's own cost per
 # call under load.  Every other op lies between the two.
 DEFAULT_LOAD_OPS = ("rsa", "sessioninfo")
-DEFAULT_LOAD_TARGETS = ("direct", "camlcrush", "native", "p11kit")
+DEFAULT_LOAD_TARGETS = ("direct", "camlcrush", "native", "native-unix", "p11kit")
 QUICK_LOAD_TARGETS = ("direct", "camlcrush", "native")
 # The servers whose memory is measured, each through the client that names it.
 MEMORY_TARGETS = ("native", "p11guard", "camlcrush", "p11kit")

@@ -106,7 +106,7 @@ def test_plan_round_interleaves_and_adds_one_thread_references() -> None:
 def test_parse_args_defaults_and_quick() -> None:
     full = bench_run.parse_args([])
     assert [sc.key for sc in full.load] == ["t2", "t8", "p8", "p32"]
-    assert full.load_targets == ["direct", "camlcrush", "native", "p11kit"]
+    assert full.load_targets == ["direct", "camlcrush", "native", "native-unix", "p11kit"]
     assert "newconn" in full.ops and "digest" not in full.ops
     quick = bench_run.parse_args(["--quick"])
     assert [sc.key for sc in quick.load] == ["t2", "p32"]

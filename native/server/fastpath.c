@@ -197,13 +197,28 @@ static int rd_v3_template(struct rd *r, struct plain_template *t)
 /* ---- writing the reply ---------------------------------------------------- */
 
 /* The reply buffer of the calling thread: the worker may run calls on several
- * threads (p11g_fast_call); one connection per process, so one set of them. */
+ * threads (p11g_fast_call, and one thread per channel). */
 static _Thread_local uint8_t *scratch;
 static _Thread_local size_t scratch_cap;
 
-/* Replies from several threads go out whole, one at a time (Python's sends
- * too: p11g_fast_send). */
-static pthread_mutex_t send_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Replies to one socket from several threads go out whole, one at a time
+ * (Python's sends too: p11g_fast_send).  One lock per socket, found by its
+ * descriptor: a worker's channels (server/channels.py) do not wait for each
+ * other's sends.  Two sockets may share a lock; that only costs a wait. */
+#define SEND_LOCKS 64
+static pthread_mutex_t send_locks[SEND_LOCKS] = {
+#define L4 PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, \
+           PTHREAD_MUTEX_INITIALIZER
+#define L16 L4, L4, L4, L4
+    L16, L16, L16, L16
+#undef L16
+#undef L4
+};
+
+static pthread_mutex_t *send_lock_of(int fd)
+{
+    return &send_locks[(unsigned)fd % SEND_LOCKS];
+}
 
 static int reserve(size_t need)
 {
@@ -509,22 +524,28 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static int send_all(int fd, const uint8_t *p, size_t n)
+/* The caller holds fd's send lock. */
+static int send_locked(int fd, const uint8_t *p, size_t n)
 {
-    int err = 0;
-    pthread_mutex_lock(&send_lock);
     while (n > 0) {
         ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
-            err = errno ? errno : EIO;
-            break;
+            return errno ? errno : EIO;
         }
         p += w;
         n -= (size_t)w;
     }
-    pthread_mutex_unlock(&send_lock);
+    return 0;
+}
+
+static int send_all(int fd, const uint8_t *p, size_t n)
+{
+    pthread_mutex_t *lock = send_lock_of(fd);
+    pthread_mutex_lock(lock);
+    int err = send_locked(fd, p, n);
+    pthread_mutex_unlock(lock);
     return err;
 }
 
@@ -797,16 +818,17 @@ long p11g_fast_send_fd(struct p11g_fast *st, const uint8_t *data, size_t n, int3
     cm->cmsg_len = CMSG_LEN(sizeof(int));
     memcpy(CMSG_DATA(cm), &fd, sizeof(int));
     int err = 0;
-    pthread_mutex_lock(&send_lock);
+    pthread_mutex_t *lock = send_lock_of(st->fd);
+    pthread_mutex_lock(lock);
     ssize_t w;
     do
         w = sendmsg(st->fd, &msg, MSG_NOSIGNAL);
     while (w < 0 && errno == EINTR);
-    pthread_mutex_unlock(&send_lock);
     if (w < 0)
         err = errno ? errno : EIO;
     else if ((size_t)w < n) /* the descriptor went with the first byte */
-        err = send_all(st->fd, data + w, n - (size_t)w);
+        err = send_locked(st->fd, data + w, n - (size_t)w);
+    pthread_mutex_unlock(lock);
     return err ? -(long)err : 0;
 }
 

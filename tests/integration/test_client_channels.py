@@ -177,6 +177,9 @@ def test_join_channel_over_tcp_on_the_wire(token: Token, tmp_path: Path) -> None
         # A made-up ticket naming the worker's pid (its first four bytes).
         rv, _ = _join(server.address, ticket[:4] + bytes(28))
         assert rv == c.CKR_FUNCTION_NOT_SUPPORTED
+        # A ticket naming no worker of this listener: the connection is dropped.
+        with pytest.raises(ConnectionError):
+            _join(server.address, (1).to_bytes(4, "big") + ticket[4:])
         # JoinChannel after another call is not a join.
         rv, fresh = client.call("OpenChannel")
         assert client.rv("JoinChannel", fresh) == c.CKR_FUNCTION_NOT_SUPPORTED

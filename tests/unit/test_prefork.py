@@ -134,8 +134,9 @@ def test_run_spare_prepares_reports_ready_then_serves_one_connection() -> None:
     steps: list[str] = []
     served: list[tuple[int, str]] = []
 
-    def serve(conn: socket.socket, index: int, peer: str) -> None:
+    def serve(conn: socket.socket, index: int, peer: str, ctrl: socket.socket) -> None:
         served.append((index, peer))
+        assert ctrl is theirs and ctrl.fileno() >= 0, "kept: channels join through it"
         conn.close()
 
     try:
@@ -144,7 +145,6 @@ def test_run_spare_prepares_reports_ready_then_serves_one_connection() -> None:
         prefork.run_spare(theirs, lambda: steps.append("prepared"), serve)
         assert steps == ["prepared"]
         assert served == [(1, "unix")]
-        assert theirs.fileno() == -1, "the control socket is closed once it is used"
     finally:
         for s in (a, b, theirs):
             s.close()
