@@ -6,6 +6,7 @@ SoftHSM2, and OpenChannel / JoinChannel on the wire by hand."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from p11guard.pkcs11 import constants as c
 from p11guard.wire import rpc
 from p11guard.wire.codec import CODECS_BY_VERSION
 from p11guard.wire.procedures import ARCH_LITTLE_ENDIAN_64, BY_NAME_V4, PROGRAM
+from tests.native.hostile_server import FdPasser
 from tests.native.support import build_all, run_driver, sanitizer_report
 from tests.support.servers import Server, start_server
 from tests.support.softhsm import Token
@@ -189,3 +191,26 @@ def test_join_channel_over_tcp_on_the_wire(token: Token, tmp_path: Path) -> None
     finally:
         server.stop()
     assert "unknown or expired ticket" in server.log_text()
+
+
+# -- a server that passes the wrong things ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["good", "file", "two", "datagram", "none", "short-ticket",
+                                  "refuse"])
+def test_client_copes_with_whatever_a_server_passes(mode: str, tmp_path: Path) -> None:
+    """Two threads overlap GenerateRandom calls (results checked) against a fake
+    server whose OpenChannel reply passes a channel, a file, two descriptors, a
+    datagram socket, nothing, a short ticket, or a refusal: the client uses the
+    channel when it is one and the shared connection otherwise, under ASan."""
+    server = FdPasser(tmp_path / "fake.sock", mode).start()
+    try:
+        env = dict(os.environ, PKCS11PROXY_SOCKET_PATH=str(server.path),
+                   PKCS11PROXY_LIBNAME="x", PKCS11PROXY_RPC_TIMEOUT="5")
+        proc = run_driver(["pair", "15"], env, asan=True)
+    finally:
+        server.stop()
+    assert sanitizer_report(proc) is None, sanitizer_report(proc)
+    assert "pair done, 0 bad, 0 failures" in proc.stdout, proc.stdout + proc.stderr
+    if mode in ("good", "file", "two", "datagram"):
+        assert server.channels_passed >= 1  # the client did ask, and got the descriptor(s)

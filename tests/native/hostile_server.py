@@ -14,6 +14,7 @@ Run standalone: ``python tests/native/hostile_server.py PORT [SEED]``.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import struct
@@ -293,3 +294,90 @@ class Reorder(Hostile):
                         conn.sendall(_U32.pack(0x80000000 | len(out)) + out)
                 except OSError:
                     return
+
+
+class FdPasser:
+    """A version-4 server on a Unix socket whose OpenChannel replies pass what
+    ``mode`` says: "good" (a working channel, served here too), "file" (a regular
+    file instead of a socket), "two" (a socket pair end and a file), "datagram" (a
+    Unix datagram socket), "none" (rv 0 with neither a descriptor nor a ticket),
+    "short-ticket" (rv 0 and a 5-byte ticket), or "refuse" (CKR_FUNCTION_NOT_SUPPORTED).
+    GenerateRandom(session, n) answers n bytes of value n after ``delay`` seconds,
+    so that two client threads overlap and one of them asks for a channel."""
+
+    def __init__(self, path: Path, mode: str, delay: float = 0.01) -> None:
+        self.mode = mode
+        self.delay = delay
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+        self.channels_passed = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                rec = Hostile._read_record(conn)
+                if rec is None or len(rec) < 24:
+                    return
+                xid, _m, _r, _p, _v, proc = struct.unpack(">6I", rec[:24])
+                fds: list[int] = []
+                close_after: list[int] = []
+                if proc == 2:
+                    out = _accepted(xid, _U64.pack(1))
+                elif proc == 22:
+                    time.sleep(self.delay)
+                    length = _U64.unpack(rec[40 + 8 : 40 + 16])[0]
+                    out = _accepted(xid, _U64.pack(0) + _opaque(bytes([length & 0xFF]) * length))
+                elif proc == 94:
+                    out, fds, close_after = self._open_channel(xid)
+                else:
+                    out = _accepted(xid, _U64.pack(0))
+                data = _U32.pack(0x80000000 | len(out)) + out
+                try:
+                    if fds:
+                        socket.send_fds(conn, [data], fds)
+                        self.channels_passed += 1
+                    else:
+                        conn.sendall(data)
+                except OSError:
+                    return
+                finally:
+                    for fd in close_after:
+                        os.close(fd)
+
+    def _open_channel(self, xid: int) -> tuple[bytes, list[int], list[int]]:
+        """(reply, descriptors to pass, descriptors to close once sent)."""
+        ok = _accepted(xid, _U64.pack(0) + _opaque(b""))
+        if self.mode == "refuse":
+            return _accepted(xid, _U64.pack(0x54) + _opaque(b"")), [], []
+        if self.mode == "none":
+            return ok, [], []
+        if self.mode == "short-ticket":
+            return _accepted(xid, _U64.pack(0) + _opaque(b"12345")), [], []
+        a, b = socket.socketpair()
+        threading.Thread(target=self._serve, args=(a,), daemon=True).start()
+        file = os.open(self.path.parent / "not-a-socket", os.O_CREAT | os.O_WRONLY, 0o600)
+        dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach()
+        pair_end = b.detach()
+        fds = {"good": [pair_end], "file": [file], "two": [pair_end, file],
+               "datagram": [dgram]}[self.mode]
+        return ok, fds, [pair_end, file, dgram]
