@@ -117,11 +117,19 @@ void p11g_channels_atfork_prepare(void) { pthread_mutex_lock(&g_chan_lock); }
 
 void p11g_channels_atfork_parent(void) { pthread_mutex_unlock(&g_chan_lock); }
 
+/* A forked child's copies of the parent's channels: kept reachable (never used
+ * again) so that leak checkers do not report them. */
+static struct chan *g_abandoned;
+
 void p11g_channels_atfork_child(void)
 {
-    for (struct chan *ch = g_chans; ch != NULL; ch = ch->next)
+    while (g_chans != NULL) {
+        struct chan *ch = g_chans;
+        g_chans = ch->next;
         p11g_conn_abandon(ch->conn); /* the parent's: close our descriptor only */
-    g_chans = NULL; /* the structs stay reachable through the abandoned list */
+        ch->next = g_abandoned;
+        g_abandoned = ch;
+    }
     g_chan_generation++;
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     memcpy(&g_open_lock, &fresh, sizeof fresh); /* may have been held by a parent thread */
@@ -211,16 +219,28 @@ struct p11g_conn *p11g_channel_for_call(struct p11g_conn *c, size_t max_record)
     pthread_mutex_lock(&g_chan_lock);
     unsigned long gen = g_chan_generation;
     int enabled = g_chan_enabled;
+    struct chan *dead = NULL;
     if (s != NULL && s->chan != NULL) {
-        if (s->chan_gen == gen) {
+        if (s->chan_gen == gen && !p11g_conn_dead(s->chan->conn)) {
             struct p11g_conn *conn = s->chan->conn;
             p11g_conn_ref(conn);
             pthread_mutex_unlock(&g_chan_lock);
-            return conn; /* a dead one fails the call like the connection would */
+            return conn;
         }
-        s->chan = NULL; /* closed (and freed) with its generation: never looked at */
+        if (s->chan_gen == gen) {
+            /* It broke (the call that saw it failed): this thread shares the
+             * connection from now on, which fails too if the proxy is gone. */
+            dead = s->chan;
+            unlink_locked(dead);
+            s->refused_in = gen + 1;
+        }
+        s->chan = NULL; /* else closed (and freed) with its generation: never looked at */
     }
     pthread_mutex_unlock(&g_chan_lock);
+    if (dead != NULL) {
+        close_chan(dead);
+        return NULL;
+    }
     if (!enabled || (s != NULL && s->refused_in == gen + 1) ||
         !p11g_conn_may_carry_channel(c) || p11g_conn_version(c) != P11G_RPC_VERSION4 ||
         !p11g_conn_busy(c))

@@ -266,8 +266,10 @@ P11G_EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
         return rv;
     }
     if (cfg.tls) {
-        if (p11g_tls_global_init() != P11G_OK) {
-            p11g_log("TLS: cannot initialise OpenSSL");
+        int t = p11g_tls_global_init();
+        if (t != P11G_OK) {
+            if (t == P11G_E_NOMEM) /* a plugin that does not load has said why */
+                p11g_log("TLS: cannot initialise OpenSSL");
             pthread_mutex_unlock(&g_init_lock);
             return CKR_DEVICE_ERROR;
         }

@@ -116,11 +116,17 @@ P11G_HIDDEN int p11g_conn_take_fd(struct p11g_conn *c);
 
 /* Copies the reason of the last TLS failure on c ("" if none) into buf. */
 P11G_HIDDEN void p11g_conn_tls_error(struct p11g_conn *c, char *buf, size_t len);
+/* ---- waiting (wait.c; also in the TLS plugin) ---------------------------- */
 /* Waits until fd is ready for `events`, the deadline passes (P11G_E_TIMEOUT)
  * or, if slice_ms >= 0, slice_ms milliseconds pass (P11G_OK). */
 P11G_HIDDEN int p11g_wait_fd(int fd, short events, const struct timespec *deadline, int slice_ms);
+/* Milliseconds until the CLOCK_MONOTONIC deadline (0 once passed). */
+P11G_HIDDEN int p11g_ms_left(const struct timespec *deadline);
 
 /* ---- TLS (tls.c, OpenSSL) ---------------------------------------------- */
+/* tls.c is built as a plugin, libp11guard-tls.so beside the library, loaded
+ * (tlsload.c) by the first p11g_tls_global_init(): only a process that uses
+ * TLS loads libssl and libcrypto (~1.5 ms at every start otherwise). */
 struct p11g_tls;
 
 /* Once per process, before the first TLS connection: initialise OpenSSL. */
@@ -141,6 +147,22 @@ P11G_HIDDEN long p11g_tls_send(struct p11g_tls *t, const void *buf, size_t n, sh
 P11G_HIDDEN void p11g_tls_close_notify(struct p11g_tls *t);
 P11G_HIDDEN void p11g_tls_error(struct p11g_tls *t, char *buf, size_t len);
 P11G_HIDDEN void p11g_tls_free(struct p11g_tls *t);
+
+/* What the plugin gives the library: its p11g_tls_* functions. */
+struct p11g_tls_ops {
+    unsigned version; /* P11G_TLS_OPS_VERSION: the plugin is from the same build */
+    int (*global_init)(void);
+    int (*open)(const struct p11g_config *cfg, int fd, const struct timespec *deadline,
+                struct p11g_tls **out, char *err, size_t errlen);
+    long (*recv)(struct p11g_tls *t, void *buf, size_t n, short *events);
+    long (*send)(struct p11g_tls *t, const void *buf, size_t n, short *events);
+    void (*close_notify)(struct p11g_tls *t);
+    void (*error)(struct p11g_tls *t, char *buf, size_t len);
+    void (*free)(struct p11g_tls *t);
+};
+#define P11G_TLS_OPS_VERSION (1000u + (unsigned)sizeof(struct p11g_config))
+#define P11G_TLS_PLUGIN "libp11guard-tls.so"
+#define P11G_TLS_PLUGIN_SYMBOL "p11g_tls_plugin_ops"
 
 /* ---- table-driven codec (codec.c) ------------------------------------- */
 enum { P11G_T_IN = 0, P11G_T_OUT = 1 };

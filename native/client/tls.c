@@ -1,4 +1,5 @@
-/* tls.c: TLS for the proxy connection, with OpenSSL.
+/* tls.c: TLS for the proxy connection, with OpenSSL.  Built as the plugin
+ * libp11guard-tls.so (see tlsload.c), which alone links libssl and libcrypto.
  *
  * Unlike Caml Crush's client, the server is authenticated fully by default:
  * its chain must lead to PKCS11PROXY_CA_FILE (and nothing else: the system
@@ -462,3 +463,15 @@ void p11g_tls_free(struct p11g_tls *t)
     pthread_mutex_destroy(&t->lock);
     free(t);
 }
+
+/* ---- the plugin's one export (tlsload.c finds it with dlsym) ---------------- */
+__attribute__((visibility("default"))) const struct p11g_tls_ops p11g_tls_plugin_ops = {
+    .version = P11G_TLS_OPS_VERSION,
+    .global_init = p11g_tls_global_init,
+    .open = p11g_tls_open,
+    .recv = p11g_tls_recv,
+    .send = p11g_tls_send,
+    .close_notify = p11g_tls_close_notify,
+    .error = p11g_tls_error,
+    .free = p11g_tls_free,
+};
