@@ -368,6 +368,15 @@ class Server:
         self.stats.links[pid] = link
         self._selector.register(ctrl, selectors.EVENT_READ, link)
 
+    def _reaped_link(self, pid: int) -> None:
+        """A worker exited: what it sent before (a joining connection, passed on
+        just before it exits) is routed, then its control socket closed."""
+        link = self.stats.links.get(pid)
+        if link is not None:
+            while link.ctrl.fileno() >= 0 and self._worker_says(link):
+                pass
+        self._drop_link(pid)
+
     def _drop_link(self, pid: int) -> None:
         link = self.stats.links.pop(pid, None)
         if link is not None:
@@ -375,33 +384,35 @@ class Server:
                 self._selector.unregister(link.ctrl)
             link.ctrl.close()
 
-    def _worker_says(self, link: WorkerLink) -> None:
+    def _worker_says(self, link: WorkerLink) -> bool:
         """A worker passes a connection that joins another worker as a channel: route
         it by the pid in its ticket (the target checks the ticket itself).  Anything
-        else, or a message for nobody, is dropped with its descriptors."""
+        else, or a message for nobody, is dropped with its descriptors.  True when a
+        message was read (there may be another)."""
         try:
             message, fds, flags, _ = socket.recv_fds(link.ctrl, 256, 2)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             message, fds, flags = b"", [], 0
         try:
             if not message and not fds:  # EOF: the worker is exiting
                 self._drop_link(link.pid)
-                return
+                return False
             parsed = prefork.parse_join(message, fds, flags)
             target = None
             if parsed is not None:
                 target = self.stats.links.get(int.from_bytes(parsed[1][:4], "big"))
             if target is None or target.pid == link.pid:
                 log.debug("worker %d passed a connection for no worker: dropped", link.pid)
-                return
+                return True
             try:
                 socket.send_fds(target.ctrl, [message], fds[:1], socket.MSG_DONTWAIT)
             except OSError as exc:
                 log.debug("cannot pass a joining connection to worker %d: %s", target.pid, exc)
-                return
+                return True
             self.stats.joins_routed += 1
+            return True
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -493,7 +504,7 @@ class Server:
                     self._spare_lost(_exit_description(status) or "exited", pid)
                 continue
             started = self.stats.workers.pop(pid, None)
-            self._drop_link(pid)
+            self._reaped_link(pid)
             how = _exit_description(status)
             if how is None:
                 if started is not None:
