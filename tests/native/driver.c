@@ -599,30 +599,38 @@ struct tharg {
     long done;
 };
 
-static void *digest_thread(void *p)
+/* n digests on session s, each also computed in two parts; how many went wrong. */
+static int digest_burst(CK_SESSION_HANDLE s, int idx, long n)
 {
-    struct tharg *a = p;
-    CK_SESSION_HANDLE s = open_login(a->slot, 0);
     CK_MECHANISM sha = {CKM_SHA256, NULL, 0};
-    if (s == 0) {
-        a->bad++;
-        return NULL;
-    }
-    for (long i = 0; i < a->n; i++) {
+    int bad = 0;
+    for (long i = 0; i < n; i++) {
         CK_BYTE data[64], d1[32], d2[32];
         CK_ULONG l1 = sizeof d1, l2 = sizeof d2;
-        memset(data, a->idx, sizeof data);
+        memset(data, idx, sizeof data);
         data[0] = (CK_BYTE)i;
-        size_t len = 1 + (size_t)((i * 7 + a->idx) % 63);
+        size_t len = 1 + (size_t)((i * 7 + idx) % 63);
         if (F->C_DigestInit(s, &sha) != CKR_OK || F->C_Digest(s, data, len, d1, &l1) != CKR_OK)
-            a->bad++;
+            bad++;
         /* the same digest in two parts must agree */
         if (F->C_DigestInit(s, &sha) != CKR_OK || F->C_DigestUpdate(s, data, 1) != CKR_OK ||
             F->C_DigestUpdate(s, data + 1, len - 1) != CKR_OK ||
             F->C_DigestFinal(s, d2, &l2) != CKR_OK || l1 != 32 || l2 != 32 ||
             memcmp(d1, d2, 32) != 0)
-            a->bad++;
+            bad++;
     }
+    return bad;
+}
+
+static void *digest_thread(void *p)
+{
+    struct tharg *a = p;
+    CK_SESSION_HANDLE s = open_login(a->slot, 0);
+    if (s == 0) {
+        a->bad++;
+        return NULL;
+    }
+    a->bad += digest_burst(s, a->idx, a->n);
     F->C_CloseSession(s);
     return NULL;
 }
@@ -763,24 +771,6 @@ static int cmd_bench(int nthreads, double seconds)
 
 /* ---- chanlife: threads keep their channels across a fork, C_Finalize, C_Initialize -- */
 static pthread_barrier_t g_phase;
-static int digest_burst(CK_SESSION_HANDLE s, int idx, long n)
-{
-    CK_MECHANISM sha = {CKM_SHA256, NULL, 0};
-    int bad = 0;
-    for (long i = 0; i < n; i++) {
-        CK_BYTE data[48], d1[32], d2[32];
-        CK_ULONG l1 = sizeof d1, l2 = sizeof d2;
-        memset(data, idx, sizeof data);
-        data[0] = (CK_BYTE)i;
-        if (F->C_DigestInit(s, &sha) != CKR_OK || F->C_Digest(s, data, sizeof data, d1, &l1) != CKR_OK ||
-            F->C_DigestInit(s, &sha) != CKR_OK || F->C_DigestUpdate(s, data, 5) != CKR_OK ||
-            F->C_DigestUpdate(s, data + 5, sizeof data - 5) != CKR_OK ||
-            F->C_DigestFinal(s, d2, &l2) != CKR_OK || l1 != 32 || memcmp(d1, d2, 32) != 0)
-            bad++;
-    }
-    return bad;
-}
-
 static void *chanlife_thread(void *p)
 {
     struct tharg *a = p;

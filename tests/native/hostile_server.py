@@ -46,17 +46,12 @@ def _prog_mismatch(xid: int) -> bytes:
             + _U32.pack(3) + _U32.pack(3))
 
 
-class Hostile:
-    """One listening socket; every connection gets its own random stream."""
+class _Listening:
+    """A listening socket served by a thread; ``_handle`` takes each connection."""
 
-    def __init__(self, seed: int = 1, stall: float = 3.0) -> None:
-        self.seed = seed
-        self.stall = stall
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.sock.listen(16)
-        self.port: int = self.sock.getsockname()[1]
         self.connections = 0
         self._stop = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -76,8 +71,27 @@ class Hostile:
             except OSError:
                 return
             self.connections += 1
-            rng = random.Random(self.seed * 7919 + self.connections)
-            threading.Thread(target=self._serve, args=(conn, rng), daemon=True).start()
+            self._handle(conn)
+
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class Hostile(_Listening):
+    """One listening socket; every connection gets its own random stream."""
+
+    def __init__(self, seed: int = 1, stall: float = 3.0) -> None:
+        self.seed = seed
+        self.stall = stall
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        super().__init__(sock)
+        self.port: int = self.sock.getsockname()[1]
+
+    def _handle(self, conn: socket.socket) -> None:
+        rng = random.Random(self.seed * 7919 + self.connections)
+        threading.Thread(target=self._serve, args=(conn, rng), daemon=True).start()
 
     # -- wire ------------------------------------------------------------------
     @staticmethod
@@ -296,7 +310,7 @@ class Reorder(Hostile):
                     return
 
 
-class FdPasser:
+class FdPasser(_Listening):
     """A version-4 server on a Unix socket whose OpenChannel replies pass what
     ``mode`` says: "good" (a working channel, served here too), "file" (a regular
     file instead of a socket), "two" (a socket pair end and a file), "datagram" (a
@@ -309,28 +323,13 @@ class FdPasser:
         self.mode = mode
         self.delay = delay
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(16)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        super().__init__(sock)
         self.channels_passed = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    def start(self) -> Self:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop = True
-        self.sock.close()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def _handle(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:

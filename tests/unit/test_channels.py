@@ -4,6 +4,7 @@ the path through libp11guard.so and a real server is tests/integration/test_clie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -155,71 +156,66 @@ def test_no_tickets_without_a_control_socket_or_beyond_the_limit() -> None:
         b.close()
 
 
+@contextlib.contextmanager
+def _worker(host: str) -> Iterator[tuple[ch.Channels, list[FakeServed], socket.socket]]:
+    """A worker's Channels (first connection from ``host``) and the listener's end of
+    its control socket."""
+    listener_end, worker_end = prefork.control_pair()
+    channels, made = _channels(control=worker_end, host=host)
+    try:
+        yield channels, made, listener_end
+    finally:
+        channels.close()
+        listener_end.close()
+        worker_end.close()
+
+
+def _present(listener_end: socket.socket, ticket: bytes,
+             pair: tuple[socket.socket, socket.socket]) -> int:
+    """Pass the server end of ``pair`` with ``ticket``, as the listener would; the rv
+    its client end reads."""
+    client, server = pair
+    prefork.send_join(listener_end, 7, ticket, server)
+    client.settimeout(10)
+    return _rv_of_join_reply(client.recv(256))
+
+
 def test_a_join_with_our_ticket_becomes_a_channel_once(
         tcp_pair: tuple[socket.socket, socket.socket]) -> None:
-    client, server = tcp_pair
-    listener_end, worker_end = prefork.control_pair()
-    channels, made = _channels(control=worker_end, host="127.0.0.1")
-    try:
+    with _worker("127.0.0.1") as (channels, made, listener_end):
         ticket = channels.ticket()
         assert ticket is not None
-        prefork.send_join(listener_end, 41, ticket, server)  # as the listener would
-        client.settimeout(10)
-        assert _rv_of_join_reply(client.recv(256)) == 0
+        assert _present(listener_end, ticket, tcp_pair) == 0
         assert _eventually(lambda: bool(made)) and made[0].ran.wait(10)
         assert channels.opened == 1
         # The same ticket again: refused, and that connection is closed.
         with socket.create_server(("127.0.0.1", 0)) as lsn:
             again = socket.create_connection(lsn.getsockname())
             their_end, _ = lsn.accept()
-        prefork.send_join(listener_end, 42, ticket, their_end)
+        assert _present(listener_end, ticket, (again, their_end)) == \
+            ch.CKR_FUNCTION_NOT_SUPPORTED
         their_end.close()
-        again.settimeout(10)
-        data = again.recv(256)
-        assert _rv_of_join_reply(data) == ch.CKR_FUNCTION_NOT_SUPPORTED
         assert again.recv(1) == b""
         again.close()
-    finally:
-        channels.close()
-        listener_end.close()
-        worker_end.close()
 
 
 def test_a_join_from_another_host_is_refused(
         tcp_pair: tuple[socket.socket, socket.socket]) -> None:
-    client, server = tcp_pair
-    listener_end, worker_end = prefork.control_pair()
-    channels, made = _channels(control=worker_end, host="192.0.2.7")
-    try:
+    with _worker("192.0.2.7") as (channels, made, listener_end):
         ticket = channels.ticket()
         assert ticket is not None
-        prefork.send_join(listener_end, 7, ticket, server)
-        client.settimeout(10)
-        assert _rv_of_join_reply(client.recv(256)) == ch.CKR_FUNCTION_NOT_SUPPORTED
+        assert _present(listener_end, ticket, tcp_pair) == ch.CKR_FUNCTION_NOT_SUPPORTED
         assert made == []
-    finally:
-        channels.close()
-        listener_end.close()
-        worker_end.close()
 
 
 def test_an_expired_ticket_is_refused(monkeypatch: pytest.MonkeyPatch,
                                       tcp_pair: tuple[socket.socket, socket.socket]) -> None:
-    client, server = tcp_pair
-    listener_end, worker_end = prefork.control_pair()
     monkeypatch.setattr(ch, "TICKET_LIFETIME", -1.0)
-    channels, made = _channels(control=worker_end, host="127.0.0.1")
-    try:
+    with _worker("127.0.0.1") as (channels, made, listener_end):
         ticket = channels.ticket()
         assert ticket is not None
-        prefork.send_join(listener_end, 7, ticket, server)
-        client.settimeout(10)
-        assert _rv_of_join_reply(client.recv(256)) == ch.CKR_FUNCTION_NOT_SUPPORTED
+        assert _present(listener_end, ticket, tcp_pair) == ch.CKR_FUNCTION_NOT_SUPPORTED
         assert made == []
-    finally:
-        channels.close()
-        listener_end.close()
-        worker_end.close()
 
 
 # -- socket pairs (Unix) and the end of the worker ------------------------------------------
