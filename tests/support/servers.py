@@ -7,10 +7,12 @@ is itself part of what we test (drop-in compatibility).  Servers bind to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +54,39 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._wait_for_group()
         return self.proc.returncode
+
+    def _wait_for_group(self, timeout: float = 5.0) -> None:
+        """Wait until no process of the server's group is left (pkcs11proxyd's netplex
+        children may outlive its controller by a moment, still holding the listening
+        socket a restarted server would share the path of); then SIGKILL the rest."""
+        deadline = time.monotonic() + timeout
+        while _live_in_group(self.proc.pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _live_in_group(pgid: int) -> bool:
+    """Is a process of group ``pgid`` still running?  (Zombies do not count: in a
+    container whose init does not reap, orphans stay zombies.)"""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def write_filter_conf(path: Path, alias: str, module: str, extra: str = "") -> Path:
