@@ -68,8 +68,7 @@ static void unlink_locked(struct chan *ch)
 
 static void close_chan(struct chan *ch)
 {
-    p11g_conn_kill(ch->conn); /* the worker's thread for it sees EOF */
-    p11g_conn_unref(ch->conn);
+    p11g_conn_close(ch->conn); /* the worker's thread for it sees EOF */
     free(ch);
 }
 
@@ -138,8 +137,8 @@ void p11g_channels_atfork_child(void)
 
 void p11g_channels_unload(void)
 {
-    p11g_channels_close_all();
-    /* No destructor may run into this library once it is unmapped. */
+    /* The channels went with p11g_unload (close_all).  No destructor may run into
+     * this library once it is unmapped. */
     if (g_key_ok) {
         pthread_key_delete(g_key);
         g_key_ok = 0;
@@ -173,8 +172,7 @@ static struct p11g_conn *join_channel(const uint8_t *ticket, size_t max_record)
         if (rv == CKR_OK)
             return ch;
     }
-    p11g_conn_kill(ch);
-    p11g_conn_unref(ch);
+    p11g_conn_close(ch);
     return NULL;
 }
 
@@ -263,10 +261,8 @@ struct p11g_conn *p11g_channel_for_call(struct p11g_conn *c, size_t max_record)
         s->refused_in = gen + 1;
         pthread_mutex_unlock(&g_chan_lock);
         free(ch);
-        if (conn != NULL) {
-            p11g_conn_kill(conn);
-            p11g_conn_unref(conn);
-        }
+        if (conn != NULL)
+            p11g_conn_close(conn);
         return NULL;
     }
     ch->conn = conn;

@@ -251,10 +251,8 @@ P11G_EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
     g_generation++;
     pthread_mutex_unlock(&g_lock);
     p11g_channels_close_all();
-    if (old != NULL) {
-        p11g_conn_kill(old);
-        p11g_conn_unref(old);
-    }
+    if (old != NULL)
+        p11g_conn_close(old);
     p11g_cache_clear();
 
     struct p11g_config cfg;
@@ -287,8 +285,7 @@ P11G_EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
         init_flags = ((CK_C_INITIALIZE_ARGS *)pInitArgs)->flags;
     rv = handshake(c, &cfg, init_flags);
     if (rv != CKR_OK) {
-        p11g_conn_kill(c);
-        p11g_conn_unref(c);
+        p11g_conn_close(c);
         pthread_mutex_unlock(&g_init_lock);
         return rv;
     }
@@ -336,10 +333,8 @@ P11G_EXPORT CK_RV C_Finalize(CK_VOID_PTR pReserved)
         /* On a broken connection the server side is gone already: the
          * library is finalised either way. */
     }
-    if (c != NULL) {
-        p11g_conn_kill(c); /* closing ends the server's worker */
-        p11g_conn_unref(c);
-    }
+    if (c != NULL)
+        p11g_conn_close(c); /* closing ends the server's worker */
     p11g_cache_clear();
     pthread_mutex_unlock(&g_init_lock);
     return rv;
@@ -396,10 +391,8 @@ static void p11g_unload(void)
     g_initialized = 0;
     pthread_mutex_unlock(&g_lock);
     p11g_channels_close_all();
-    if (c != NULL) {
-        p11g_conn_kill(c);
-        p11g_conn_unref(c);
-    }
+    if (c != NULL)
+        p11g_conn_close(c);
     p11g_cache_clear();
 }
 

@@ -97,6 +97,8 @@ P11G_HIDDEN void p11g_conn_kill(struct p11g_conn *c);
 P11G_HIDDEN void p11g_conn_ref(struct p11g_conn *c);
 /* Drops a reference; the last one closes the socket and frees. */
 P11G_HIDDEN void p11g_conn_unref(struct p11g_conn *c);
+/* p11g_conn_kill, then p11g_conn_unref: done with c (the server's side ends). */
+P11G_HIDDEN void p11g_conn_close(struct p11g_conn *c);
 /* In a forked child: drop our copy of the socket without touching locks. */
 P11G_HIDDEN void p11g_conn_abandon(struct p11g_conn *c);
 /* A connection around a channel's descriptor (channels.c), with main's timeout

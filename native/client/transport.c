@@ -78,8 +78,6 @@ static void deadline_after(struct timespec *ts, int seconds)
     ts->tv_sec += seconds;
 }
 
-static int ms_left(const struct timespec *deadline) { return p11g_ms_left(deadline); }
-
 static int wait_fd(int fd, short events, const struct timespec *deadline)
 {
     return p11g_wait_fd(fd, events, deadline, -1);
@@ -274,7 +272,7 @@ static int read_exact(struct p11g_conn *c, uint8_t *dst, size_t n, const struct 
                 if (errno != EAGAIN && errno != EWOULDBLOCK)
                     return P11G_E_NET;
                 /* SO_RCVTIMEO expired (or a spurious wake-up): the deadline decides. */
-                if (ms_left(deadline) == 0)
+                if (p11g_ms_left(deadline) == 0)
                     return P11G_E_TIMEOUT;
                 continue;
             }
@@ -482,6 +480,12 @@ void p11g_conn_kill(struct p11g_conn *c)
     pthread_mutex_unlock(&c->lock);
 }
 
+void p11g_conn_close(struct p11g_conn *c)
+{
+    p11g_conn_kill(c);
+    p11g_conn_unref(c);
+}
+
 void p11g_conn_tls_error(struct p11g_conn *c, char *buf, size_t len)
 {
     p11g_tls_error(c != NULL ? c->tls : NULL, buf, len);
@@ -508,6 +512,14 @@ void p11g_conn_fix_version(struct p11g_conn *c, unsigned version) { c->fixed_ver
 
 int p11g_conn_take_fd(struct p11g_conn *c) { return atomic_exchange(&c->passed_fd, -1); }
 
+/* A descriptor the server passed and nobody took. */
+static void close_passed_fd(struct p11g_conn *c)
+{
+    int passed = p11g_conn_take_fd(c);
+    if (passed >= 0)
+        close(passed);
+}
+
 void p11g_conn_unref(struct p11g_conn *c)
 {
     if (c == NULL || atomic_fetch_sub(&c->refs, 1) != 1)
@@ -515,9 +527,7 @@ void p11g_conn_unref(struct p11g_conn *c)
     p11g_tls_free(c->tls);
     if (c->fd >= 0)
         close(c->fd);
-    int passed = atomic_exchange(&c->passed_fd, -1);
-    if (passed >= 0)
-        close(passed);
+    close_passed_fd(c);
     pthread_mutex_destroy(&c->serial_lock);
     pthread_mutex_destroy(&c->wlock);
     pthread_mutex_destroy(&c->lock);
@@ -543,9 +553,7 @@ void p11g_conn_abandon(struct p11g_conn *c)
         close(c->fd);
         c->fd = -1;
     }
-    int passed = atomic_exchange(&c->passed_fd, -1);
-    if (passed >= 0)
-        close(passed);
+    close_passed_fd(c);
     c->next_abandoned = g_abandoned;
     g_abandoned = c;
 }
@@ -639,7 +647,26 @@ static int make_blocking(int fd, int timeout_s)
     return setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 }
 
-static struct p11g_conn *new_conn(int fd, int timeout_s, size_t max_record);
+static struct p11g_conn *new_conn(int fd, int timeout_s, size_t max_record)
+{
+    struct p11g_conn *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    atomic_init(&c->refs, 1);
+    atomic_init(&c->passed_fd, -1);
+    c->fd = fd;
+    c->timeout_s = timeout_s;
+    c->max_record = max_record;
+    pthread_mutex_init(&c->serial_lock, NULL);
+    pthread_mutex_init(&c->wlock, NULL);
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_condattr_init(&c->cond_attr);
+    pthread_condattr_setclock(&c->cond_attr, CLOCK_MONOTONIC);
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    c->next_xid = (uint32_t)now.tv_nsec ^ ((uint32_t)getpid() << 16) ^ (uint32_t)now.tv_sec;
+    return c;
+}
 
 int p11g_conn_open(const struct p11g_config *cfg, struct p11g_conn **out, char *err,
                    size_t errlen)
@@ -688,25 +715,4 @@ int p11g_conn_adopt(const struct p11g_conn *main, int fd, unsigned version,
     c->fixed_version = version;
     *out = c;
     return P11G_OK;
-}
-
-static struct p11g_conn *new_conn(int fd, int timeout_s, size_t max_record)
-{
-    struct p11g_conn *c = calloc(1, sizeof *c);
-    if (c == NULL)
-        return NULL;
-    atomic_init(&c->refs, 1);
-    atomic_init(&c->passed_fd, -1);
-    c->fd = fd;
-    c->timeout_s = timeout_s;
-    c->max_record = max_record;
-    pthread_mutex_init(&c->serial_lock, NULL);
-    pthread_mutex_init(&c->wlock, NULL);
-    pthread_mutex_init(&c->lock, NULL);
-    pthread_condattr_init(&c->cond_attr);
-    pthread_condattr_setclock(&c->cond_attr, CLOCK_MONOTONIC);
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    c->next_xid = (uint32_t)now.tv_nsec ^ ((uint32_t)getpid() << 16) ^ (uint32_t)now.tv_sec;
-    return c;
 }
