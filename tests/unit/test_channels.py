@@ -136,7 +136,7 @@ def test_a_ticket_names_this_worker_and_is_random() -> None:
     try:
         t1, t2 = channels.ticket(), channels.ticket()
         assert t1 is not None and t2 is not None and t1 != t2
-        assert len(t1) == ch.TICKET_SIZE and ch.ticket_pid(t1) == os.getpid()
+        assert len(t1) == prefork.TICKET_SIZE and prefork.ticket_pid(t1) == os.getpid()
     finally:
         channels.close()
         a.close()

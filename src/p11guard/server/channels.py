@@ -49,13 +49,13 @@ from ..wire.codec import CODECS_BY_VERSION
 from ..wire.procedures import BY_NAME_V4, VERSION_P11GUARD
 from ..wire.xdr import Packer
 from . import prefork
+from .prefork import TICKET_SIZE, ticket_pid
 
 log = logging.getLogger("p11guard.worker")
 
 # Channels per connection: beyond this a client thread shares the connection.
 DEFAULT_MAX_CHANNELS = 32
 TICKET_LIFETIME = 10.0  # seconds
-TICKET_SIZE = 32  # pid (4 bytes, big-endian) + 28 random bytes
 CKR_FUNCTION_NOT_SUPPORTED = 0x54
 JOIN_CHANNEL = BY_NAME_V4["JoinChannel"].number
 
@@ -65,11 +65,6 @@ class Served(Protocol):
 
     def run(self) -> None: ...
     def shutdown(self) -> None: ...
-
-
-def ticket_pid(ticket: bytes) -> int | None:
-    """The worker a ticket names (the listener routes by it); None if malformed."""
-    return int.from_bytes(ticket[:4], "big") if len(ticket) == TICKET_SIZE else None
 
 
 def join_reply(xid: int, rv: int) -> bytearray:

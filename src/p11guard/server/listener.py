@@ -400,9 +400,8 @@ class Server:
                 self._drop_link(link.pid)
                 return False
             parsed = prefork.parse_join(message, fds, flags)
-            target = None
-            if parsed is not None:
-                target = self.stats.links.get(int.from_bytes(parsed[1][:4], "big"))
+            pid = prefork.ticket_pid(parsed[1]) if parsed is not None else None
+            target = self.stats.links.get(pid) if pid is not None else None
             if target is None or target.pid == link.pid:
                 log.debug("worker %d passed a connection for no worker: dropped", link.pid)
                 return True
@@ -543,9 +542,10 @@ class Server:
                 self._reap()
                 time.sleep(0.02)
         log.info("stopped: %d connection(s) served, %d refused; %d by a spare worker, "
-                 "%d by a worker forked on accept, %d spare(s) lost", self.stats.accepted,
-                 self.stats.refused, self.stats.handed_off, self.stats.forked_on_accept,
-                 self.stats.spares_lost)
+                 "%d by a worker forked on accept, %d spare(s) lost; %d passed on to the "
+                 "worker they joined as a channel", self.stats.accepted, self.stats.refused,
+                 self.stats.handed_off, self.stats.forked_on_accept, self.stats.spares_lost,
+                 self.stats.joins_routed)
 
 
 def _exit_description(status: int) -> str | None:

@@ -14,8 +14,9 @@ program, serves a pretend client over a socket pair
 the listener copies it, and a new connection's first calls paid ~1,000 such
 faults), says it is ready on its control socket, and waits.  On accept the
 listener passes it the connected socket (SCM_RIGHTS over the socket pair
-made at the fork) with the listener's index and the peer's name, and forgets
-the control socket: from then on the spare is that connection's worker,
+made at the fork) with the listener's index and the peer's name, and keeps
+the control socket only to route channels joining over TCP (server/channels.py):
+from then on the spare is that connection's worker,
 exactly like one forked on accept (TLS handshake and identity first), and is
 never given another connection.
 
@@ -160,7 +161,13 @@ def run_spare(ctrl: socket.socket, prepare: Callable[[], None] | None,
 # the worker the ticket names.  Nothing else travels on a worker's control socket.
 
 JOIN = b"J"
-JOIN_MESSAGE_SIZE = 1 + 4 + 32  # JOIN, XID, ticket (channels.TICKET_SIZE)
+TICKET_SIZE = 32  # the worker's pid (4 bytes, big-endian) + 28 random bytes
+JOIN_MESSAGE_SIZE = 1 + 4 + TICKET_SIZE  # JOIN, XID, ticket
+
+
+def ticket_pid(ticket: bytes) -> int | None:
+    """The worker a ticket names (the listener routes by it); None if malformed."""
+    return int.from_bytes(ticket[:4], "big") if len(ticket) == TICKET_SIZE else None
 
 
 def send_join(ctrl: socket.socket, xid: int, ticket: bytes, conn: socket.socket) -> None:

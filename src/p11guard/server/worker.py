@@ -603,8 +603,7 @@ class Connection:
             (ticket,) = codec.args.decode(body, self.settings.limits)
         except XdrError:
             return rpc.frame(rpc.garbage_args_reply(xid))
-        first = self._python_calls == 1 and (self._fast is None or not self._fast.served_calls)
-        if (first and self._channels is not None and isinstance(self.sock, socket.socket)
+        if (self.calls == 1 and self._channels is not None and isinstance(self.sock, socket.socket)
                 and self.sock.family != socket.AF_UNIX
                 and self._channels.forward(xid, bytes(ticket), self.sock)):
             self._closed = True  # the loop ends; our descriptor is closed, not shut down
