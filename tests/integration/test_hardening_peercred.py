@@ -51,8 +51,8 @@ def setup_arch_as(uid: int, gid: int, path: Path) -> str:
                 body = PROCEDURE_CODECS[proc.number].args.encode((1,))
                 s.sendall(rpc.frame(rpc.call(1, PROGRAM, 3, proc.number, body)))
                 result = b"answered" if s.recv(4096) else b"closed"
-        except ConnectionResetError:  # closed with our call unread
-            result = b"closed"
+        except (ConnectionResetError, BrokenPipeError):  # closed with our call unread,
+            result = b"closed"  # or before it was even sent (the refusal came first)
         except OSError as exc:
             result = f"oserror {exc}".encode()
         finally:
